@@ -1,0 +1,315 @@
+"""A scriptable OpenAI-compatible upstream on loopback, for the tests, benchmarks and the demo.
+
+It speaks real HTTP and real SSE (uvicorn + Starlette, extra ``[server]``) on 127.0.0.1 with a
+free port, in a thread of its own, so the real ``openai`` client can be pointed at it. It keeps
+counts that tests assert on: streams started, completed and aborted by the client (the way to
+see that a cut-off really closed upstream).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+
+__all__ = ["LoopbackUpstream", "Reply", "Script", "keyword_moderation", "sse_body", "text_chunks"]
+
+
+@dataclass
+class Script:
+    """One streamed chat-completions reply.
+
+    Attributes:
+        events: SSE ``data:`` payloads (dicts are JSON-encoded; strings are sent as they are).
+        delay: Seconds before each event after the first.
+        first_delay: Seconds before the first event.
+        done: Send ``data: [DONE]`` at the end.
+        stall_after: After this many events, stop sending and keep the connection open.
+        drop_after: After this many events, break the connection (no clean end of body).
+        raw: Bytes sent as the whole body instead of events (for recorded or malformed SSE).
+    """
+
+    events: Sequence[Mapping[str, Any] | str] = ()
+    delay: float = 0.0
+    first_delay: float = 0.0
+    done: bool = True
+    stall_after: int | None = None
+    drop_after: int | None = None
+    raw: bytes | None = None
+
+
+@dataclass
+class Reply:
+    """A plain (non-streamed) JSON reply with a status code and headers."""
+
+    body: Any
+    status: int = 200
+    headers: Mapping[str, str] = field(default_factory=dict)
+    delay: float = 0.0
+
+
+ChatHandler = Callable[[dict[str, Any]], "Script | Reply"]
+ModerationHandler = Callable[[dict[str, Any]], Reply]
+
+
+@dataclass
+class _Stats:
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    requests: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    started: int = 0
+    completed: int = 0
+    aborted: int = 0
+    events_sent: int = 0
+    ended: threading.Condition = field(default_factory=threading.Condition)
+
+
+class LoopbackUpstream:
+    """An OpenAI-compatible server on 127.0.0.1 with a free port, run in a thread.
+
+    Args:
+        chat: Maps a ``/v1/chat/completions`` request body to a :class:`Script` (streamed) or a
+            :class:`Reply`.
+        moderation: Maps a ``/v1/moderations`` request body to a :class:`Reply`; by default
+            :func:`keyword_moderation` with no words (nothing flagged).
+
+    Use as a context manager; ``base_url`` is what ``AsyncOpenAI(base_url=...)`` takes.
+    """
+
+    def __init__(
+        self, *, chat: ChatHandler | None = None, moderation: ModerationHandler | None = None
+    ) -> None:
+        self.chat = chat or (lambda body: Script(text_chunks(["Hello", " world", "."])))
+        self.moderation = moderation or keyword_moderation(())
+        self._stats = _Stats()
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+        self.port = 0
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    @property
+    def requests(self) -> list[tuple[str, dict[str, Any]]]:
+        """(path, JSON body) of every request so far."""
+        with self._stats.lock:
+            return list(self._stats.requests)
+
+    def count(self, path: str) -> int:
+        """Requests received for one path, e.g. ``"/v1/moderations"``."""
+        return sum(1 for p, _ in self.requests if p == path)
+
+    @property
+    def started(self) -> int:
+        return self._stats.started
+
+    @property
+    def completed(self) -> int:
+        return self._stats.completed
+
+    @property
+    def aborted(self) -> int:
+        """Streams the client closed before the server had sent everything."""
+        return self._stats.aborted
+
+    @property
+    def events_sent(self) -> int:
+        return self._stats.events_sent
+
+    def wait_ended(self, streams: int, timeout: float) -> bool:
+        """Block until ``streams`` streams have ended (completed or aborted)."""
+        stats = self._stats
+        with stats.ended:
+            return stats.ended.wait_for(lambda: stats.completed + stats.aborted >= streams, timeout)
+
+    async def await_ended(self, streams: int, seconds: float = 5.0) -> bool:
+        """Async form of :meth:`wait_ended` (runs the wait in a worker thread)."""
+        return await anyio.to_thread.run_sync(self.wait_ended, streams, seconds)
+
+    def __enter__(self) -> LoopbackUpstream:
+        import uvicorn
+
+        config = uvicorn.Config(
+            self._app(), host="127.0.0.1", port=0, log_level="critical", lifespan="off", access_log=False
+        )
+        server = uvicorn.Server(config)
+        self._server = server
+        self._thread = threading.Thread(target=server.run, name="loopback-upstream", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while not server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError("loopback upstream did not start")
+            time.sleep(0.005)
+        self.port = server.servers[0].sockets[0].getsockname()[1]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _app(self) -> Any:
+        from starlette.applications import Starlette
+        from starlette.requests import Request
+        from starlette.responses import JSONResponse, Response, StreamingResponse
+        from starlette.routing import Route
+
+        stats = self._stats
+
+        async def body_of(request: Request) -> dict[str, Any]:
+            raw = await request.body()
+            try:
+                body = json.loads(raw) if raw else {}
+            except ValueError:
+                body = {"_raw": raw.decode("utf-8", "replace")}
+            with stats.lock:
+                stats.requests.append((request.url.path, body))
+            return dict(body) if isinstance(body, dict) else {"_body": body}
+
+        async def reply(r: Reply) -> Response:
+            if r.delay:
+                await anyio.sleep(r.delay)
+            return JSONResponse(r.body, status_code=r.status, headers=dict(r.headers))
+
+        async def chat(request: Request) -> Response:
+            answer = self.chat(await body_of(request))
+            if isinstance(answer, Reply):
+                return await reply(answer)
+            with stats.lock:
+                stats.started += 1
+            return StreamingResponse(self._stream(answer), media_type="text/event-stream")
+
+        async def moderations(request: Request) -> Response:
+            return await reply(self.moderation(await body_of(request)))
+
+        async def models(request: Request) -> Response:
+            return JSONResponse({"object": "list", "data": [{"id": "gpt-4o-mini", "object": "model"}]})
+
+        return Starlette(
+            routes=[
+                Route("/v1/chat/completions", chat, methods=["POST"]),
+                Route("/v1/moderations", moderations, methods=["POST"]),
+                Route("/v1/models", models, methods=["GET"]),
+            ]
+        )
+
+    async def _stream(self, script: Script) -> AsyncIterator[bytes]:
+        stats = self._stats
+        finished = False
+        try:
+            if script.first_delay:
+                await anyio.sleep(script.first_delay)
+            if script.raw is not None:
+                yield script.raw
+            else:
+                for i, event in enumerate(script.events):
+                    if i == script.drop_after:
+                        raise ConnectionAbortedError("scripted drop")
+                    if i == script.stall_after:
+                        await anyio.sleep_forever()
+                    if i and script.delay:
+                        await anyio.sleep(script.delay)
+                    yield _sse(event)
+                    with stats.lock:
+                        stats.events_sent += 1
+                if script.stall_after is not None and script.stall_after >= len(script.events):
+                    await anyio.sleep_forever()
+                if script.done:
+                    yield b"data: [DONE]\n\n"
+            finished = True
+        finally:
+            with stats.ended:
+                if finished:
+                    stats.completed += 1
+                else:
+                    stats.aborted += 1
+                stats.ended.notify_all()
+
+
+def _sse(event: Mapping[str, Any] | str) -> bytes:
+    data = event if isinstance(event, str) else json.dumps(event, separators=(",", ":"))
+    return f"data: {data}\n\n".encode()
+
+
+def sse_body(events: Sequence[Mapping[str, Any] | str], *, done: bool = True) -> bytes:
+    """Encode events as an SSE body, as OpenAI sends it."""
+    return b"".join(_sse(e) for e in events) + (b"data: [DONE]\n\n" if done else b"")
+
+
+def text_chunks(
+    deltas: Sequence[str],
+    *,
+    index: int = 0,
+    finish_reason: str | None = "stop",
+    model: str = "gpt-4o-mini",
+    id: str = "chatcmpl-loopback",
+    usage: Mapping[str, int] | None = None,
+) -> list[dict[str, Any]]:
+    """Chat-completion chunk dicts for one choice: a role chunk, one chunk per delta, a finish."""
+
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        return {
+            "id": id,
+            "object": "chat.completion.chunk",
+            "created": 1_700_000_000,
+            "model": model,
+            "system_fingerprint": "fp_loopback",
+            "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}],
+        }
+
+    out = [chunk({"role": "assistant", "content": ""})]
+    out += [chunk({"content": d}) for d in deltas]
+    if finish_reason is not None:
+        out.append(chunk({}, finish_reason))
+    if usage is not None:
+        out.append(
+            {
+                "id": id,
+                "object": "chat.completion.chunk",
+                "created": 1_700_000_000,
+                "model": model,
+                "choices": [],
+                "usage": dict(usage),
+            }
+        )
+    return out
+
+
+def keyword_moderation(words: Sequence[str], *, category: str = "violence") -> ModerationHandler:
+    """A Moderation-endpoint handler that flags inputs containing any of ``words``."""
+    rule = re.compile("|".join(rf"\b{re.escape(w)}\b" for w in words), re.I) if words else None
+
+    def handler(body: dict[str, Any]) -> Reply:
+        inputs = body.get("input", [])
+        texts = [inputs] if isinstance(inputs, str) else list(inputs)
+        results = []
+        for text in texts:
+            hit = bool(rule and rule.search(str(text)))
+            results.append(
+                {
+                    "flagged": hit,
+                    "categories": {category: hit, "hate": False},
+                    "category_scores": {category: 0.97 if hit else 0.01, "hate": 0.001},
+                    "category_applied_input_types": {category: ["text"], "hate": ["text"]},
+                }
+            )
+        model = body.get("model", "omni-moderation-latest")
+        return Reply({"id": "modr-loopback", "model": model, "results": results})
+
+    return handler
+
+
+@contextmanager
+def serve(**kwargs: Any) -> Iterator[LoopbackUpstream]:
+    """``with serve(chat=...) as upstream:`` — shorthand for the context manager."""
+    with LoopbackUpstream(**kwargs) as upstream:
+        yield upstream

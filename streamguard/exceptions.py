@@ -1,0 +1,36 @@
+"""Errors raised by streamguard.
+
+```
+StreamGuardError(Exception)
+├── ConfigError(StreamGuardError, ValueError)      bad options, missing data files
+└── ModerationError(StreamGuardError)              fail_closed mode; raised from the cause
+    └── ModerationTimeout(ModerationError, TimeoutError)
+```
+
+A cut-off is a normal ending (``finish_reason="content_filter"``), not an exception. Upstream
+failures propagate unchanged as the ``openai`` client's own exceptions (``APIConnectionError``,
+``APIStatusError``, ...), so code that already handles them keeps working.
+"""
+
+from __future__ import annotations
+
+__all__ = ["ConfigError", "ModerationError", "ModerationTimeout", "StreamGuardError"]
+
+
+class StreamGuardError(Exception):
+    """Base class of every error streamguard raises itself."""
+
+
+class ConfigError(StreamGuardError, ValueError):
+    """An option, argument or data file is invalid; the message names the fix."""
+
+
+class ModerationError(StreamGuardError):
+    """The moderator failed and the policy is ``on_error="fail_closed"``.
+
+    Text that already had a clean verdict was released before this is raised; nothing else was.
+    """
+
+
+class ModerationTimeout(ModerationError, TimeoutError):
+    """A moderation call took longer than ``Policy.moderation_timeout``."""
