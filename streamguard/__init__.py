@@ -1,19 +1,48 @@
-"""streamguard: content moderation inside a streamed LLM response."""
+"""streamguard: content moderation inside a streamed LLM response.
+
+```python
+async with streamguard.guard(stream, moderator=streamguard.OpenAIModerator(client)) as guarded:
+    async for chunk in guarded:
+        ...
+```
+"""
 
 from __future__ import annotations
 
 from .exceptions import ConfigError, ModerationError, ModerationTimeout, StreamGuardError
-from .moderation import KeywordModerator, Moderator, Verdict
+from .guard import GuardedStream, guard
+from .moderation import (
+    CompositeModerator,
+    KeywordModerator,
+    LocalModerator,
+    Moderator,
+    OpenAIModerator,
+    Verdict,
+)
 from .policy import Decision, Policy
+from .report import Flag, GuardReport, Span, VerdictEvent
+from .usage import UsageTracker, count_prompt_tokens, count_tokens
 
 __all__ = [
+    "CompositeModerator",
     "ConfigError",
+    "count_prompt_tokens",
+    "count_tokens",
     "Decision",
+    "Flag",
+    "guard",
+    "GuardedStream",
+    "GuardReport",
     "KeywordModerator",
+    "LocalModerator",
     "ModerationError",
     "ModerationTimeout",
     "Moderator",
+    "OpenAIModerator",
     "Policy",
+    "Span",
     "StreamGuardError",
+    "UsageTracker",
     "Verdict",
+    "VerdictEvent",
 ]

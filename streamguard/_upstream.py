@@ -82,9 +82,7 @@ class LoopbackUpstream:
     Use as a context manager; ``base_url`` is what ``AsyncOpenAI(base_url=...)`` takes.
     """
 
-    def __init__(
-        self, *, chat: ChatHandler | None = None, moderation: ModerationHandler | None = None
-    ) -> None:
+    def __init__(self, *, chat: ChatHandler | None = None, moderation: ModerationHandler | None = None) -> None:
         self.chat = chat or (lambda body: Script(text_chunks(["Hello", " world", "."])))
         self.moderation = moderation or keyword_moderation(())
         self._stats = _Stats()

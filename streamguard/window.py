@@ -69,6 +69,7 @@ class WindowBuffer:
         self._base = 0
         self._start = 0  # offset of the first character not yet in a window
         self._seq = 0
+        self._floor = 0  # context never reaches below this (e.g. the end of a redacted span)
 
     @property
     def total(self) -> int:
@@ -84,6 +85,10 @@ class WindowBuffer:
     def pending(self) -> int:
         """Characters fed but not yet in a window."""
         return self.total - self._start
+
+    def exclude_context_before(self, offset: int) -> None:
+        """Never send text before ``offset`` as context again (it was redacted)."""
+        self._floor = max(self._floor, offset)
 
     def feed(self, text: str) -> list[Window]:
         """Add text; return the windows that became ready (possibly none)."""
@@ -124,7 +129,7 @@ class WindowBuffer:
 
     def _emit(self, end: int) -> Window:
         start, base, buf = self._start, self._base, self._buf
-        context_start = max(base, start - self._overlap)
+        context_start = min(start, max(base, start - self._overlap, self._floor))
         if context_start > 0 and context_start < start and not buf[context_start - 1 - base].isspace():
             # Begin the context at a word, not inside one, when a word start is in reach.
             nxt = _first_space(buf, context_start - base, start - base)
