@@ -1,0 +1,180 @@
+"""The engine with in-process fakes, on asyncio and trio."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import pytest
+from openai.types.chat import ChatCompletionChunk
+
+import streamguard as sg
+from streamguard.report import Flag, VerdictEvent
+from streamguard.testing import FakeModerator, ScriptedStream, chat_chunk, scripted_chunks
+
+TEXT = "The quick brown fox jumps over the lazy dog and then we attack the castle with care and joy forever"
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def words(text: str = TEXT) -> list[str]:
+    parts = text.split(" ")
+    return [parts[0]] + [" " + p for p in parts[1:]]
+
+
+def released_text(chunks: list[ChatCompletionChunk]) -> str:
+    return "".join(ch.delta.content or "" for c in chunks for ch in c.choices)
+
+
+async def run(source: Any, moderator: Any, **kwargs: Any) -> tuple[list[ChatCompletionChunk], sg.GuardedStream]:
+    with anyio.fail_after(5):
+        async with sg.guard(source, moderator=moderator, **kwargs) as guarded:
+            chunks = [c async for c in guarded]
+    return chunks, guarded
+
+
+async def test_leaving_early_closes_upstream() -> None:
+    """Leaving the block cancels pending moderation and closes the upstream."""
+    source = scripted_chunks(["Hi", " there"] * 50)
+    moderator = FakeModerator(latency=0.2)
+    with anyio.fail_after(5):
+        async with sg.guard(source, moderator=moderator) as guarded:
+            await guarded.receive()  # the role chunk needs no verdict
+    assert source.closed
+    assert moderator.in_flight == 0
+
+
+async def test_fail_closed_releases_only_clean_text_then_raises() -> None:
+    """A failing moderator ends the stream with ModerationError; only settled text was released."""
+    moderator = FakeModerator(fail=lambda call: RuntimeError("boom") if call >= 2 else None, latency=0.01)
+    source = scripted_chunks(words(), delay=0.002)
+    released: list[ChatCompletionChunk] = []
+    with anyio.fail_after(5), pytest.raises(sg.ModerationError) as caught:
+        async with sg.guard(source, moderator=moderator) as guarded:
+            async for chunk in guarded:
+                released.append(chunk)
+    assert isinstance(caught.value.__cause__, RuntimeError)
+    assert len(released_text(released)) <= guarded.report.watermarks[0]
+    assert TEXT.startswith(released_text(released))
+    assert source.closed
+
+
+async def test_fail_open_releases_and_records_unmoderated_spans() -> None:
+    """fail_open lets text through and says which spans went unmoderated."""
+    moderator = FakeModerator(fail=RuntimeError("down"))
+    chunks, guarded = await run(scripted_chunks(words()), moderator, policy=sg.Policy(on_error="fail_open"))
+    assert released_text(chunks) == TEXT
+    spans = guarded.report.unmoderated
+    assert spans and spans[0].start == 0 and spans[-1].end == len(TEXT)
+
+
+async def test_hanging_moderator_times_out() -> None:
+    """A moderator that never answers is bounded by moderation_timeout."""
+    policy = sg.Policy(moderation_timeout=0.1)
+    with anyio.fail_after(5), pytest.raises(sg.ModerationTimeout):
+        await run(scripted_chunks(words()), FakeModerator(latency=float("inf")), policy=policy)
+
+
+async def test_wrong_verdict_count_is_a_moderation_error() -> None:
+    """A moderator returning the wrong number of verdicts fails closed."""
+
+    class Broken:
+        async def moderate(self, texts: Any) -> list[sg.Verdict]:
+            return []
+
+    with anyio.fail_after(5), pytest.raises(sg.ModerationError, match="0 verdicts"):
+        await run(scripted_chunks(words()), Broken())
+
+
+async def test_quiet_gap_flushes_a_partial_window() -> None:
+    """When upstream pauses mid-answer, buffered text is moderated and released without waiting."""
+    gate = anyio.Event()
+
+    async def stalling() -> AsyncIterator[ChatCompletionChunk]:
+        yield chat_chunk("", role="assistant")
+        yield chat_chunk("Short")
+        await gate.wait()
+        yield chat_chunk(" end", finish_reason="stop")
+
+    policy = sg.Policy(flush_after=0.05, first_window_chars=16)
+    with anyio.fail_after(5):
+        async with sg.guard(stalling(), moderator=FakeModerator(), policy=policy) as guarded:
+            await guarded.receive()  # role
+            first = await guarded.receive()  # released while upstream is still stalled
+            assert first.choices[0].delta.content == "Short"
+            gate.set()
+            rest = [c async for c in guarded]
+    assert released_text(rest) == " end"
+
+
+async def test_hooks_see_every_verdict_and_flag() -> None:
+    """on_verdict fires once per settled window; on_flag once per flag, async hooks too."""
+    verdicts: list[VerdictEvent] = []
+    flags: list[Flag] = []
+
+    async def on_flag(flag: Flag) -> None:
+        flags.append(flag)
+
+    policy = sg.Policy(action="redact")
+    chunks, guarded = await run(
+        scripted_chunks(words()), FakeModerator(["attack"]), policy=policy, on_verdict=verdicts.append, on_flag=on_flag
+    )
+    assert len(flags) == 1 and flags[0].category == "violence"
+    assert [v.seq for v in verdicts if v.flag is None and v.error is None] != []
+    assert sum(v.flag is not None for v in verdicts) == 1
+    assert "[redacted]" in released_text(chunks) and "attack" not in released_text(chunks)
+
+
+async def test_dict_chunks_are_accepted() -> None:
+    """An async iterable of plain dict chunks goes through the same engine."""
+
+    async def dicts() -> AsyncIterator[dict[str, Any]]:
+        for chunk in scripted_chunks(words())._chunks:
+            yield chunk.model_dump()
+
+    chunks, _ = await run(dicts(), FakeModerator())
+    assert released_text(chunks) == TEXT
+
+
+async def test_usage_chunk_can_be_switched_off() -> None:
+    """include_usage=False yields no choice-less chunk at the end."""
+    on, _ = await run(scripted_chunks(words()), FakeModerator())
+    off, guarded = await run(scripted_chunks(words()), FakeModerator(), policy=sg.Policy(include_usage=False))
+    assert on[-1].choices == [] and on[-1].usage is not None
+    assert all(c.choices for c in off)
+    assert guarded.report.usage is not None and guarded.report.usage_source == "estimated"
+
+
+async def test_refusal_text_is_moderated_and_released_in_its_field() -> None:
+    """Refusal deltas are text too: judged, and released as refusal."""
+    source = ScriptedStream(
+        [chat_chunk(refusal="I cannot help"), chat_chunk(refusal=" with that", finish_reason="stop")]
+    )
+    chunks, _ = await run(source, FakeModerator())
+    assert "".join(ch.delta.refusal or "" for c in chunks for ch in c.choices) == "I cannot help with that"
+
+
+async def test_cut_with_every_choice_done_stops_reading() -> None:
+    """After a cut-off of the only choice, upstream is closed before it is exhausted."""
+    source = scripted_chunks(words(TEXT + " more" * 500), delay=0.001)
+    chunks, guarded = await run(source, FakeModerator(["attack"]))
+    assert source.closed and source.sent < len(words(TEXT + " more" * 500))
+    assert guarded.report.finish_reasons == {0: "content_filter"}
+
+
+async def test_bare_iteration_on_trio_says_to_use_async_with(anyio_backend: str) -> None:
+    """Bare iteration needs asyncio; on trio it fails with a clear message, before reading anything."""
+    source = scripted_chunks(words())
+    guarded = sg.guard(source, moderator=FakeModerator())
+    if anyio_backend == "trio":
+        with pytest.raises(RuntimeError, match="async with"):
+            await guarded.__anext__()
+        assert source.sent == 0
+    else:
+        with anyio.fail_after(5):
+            chunks = [c async for c in guarded]
+        assert released_text(chunks) == TEXT and source.closed
