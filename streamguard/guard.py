@@ -409,13 +409,16 @@ class _Engine:
         self, events: MemoryObjectReceiveStream[_Event], out: MemoryObjectSendStream[ChatCompletionChunk]
     ) -> None:
         while True:
-            wait = self._flush_wait()
             event: _Event | None = None
-            if wait is None:
-                event = await events.receive()
-            elif wait > 0:
-                with anyio.move_on_after(wait):
+            try:
+                event = events.receive_nowait()  # under load: no timer, no task switch
+            except anyio.WouldBlock:
+                wait = self._flush_wait()
+                if wait is None:
                     event = await events.receive()
+                elif wait > 0:
+                    with anyio.move_on_after(wait):
+                        event = await events.receive()
             if event is None:
                 self._flush_quiet()
             else:
