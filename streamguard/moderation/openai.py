@@ -1,0 +1,313 @@
+"""The OpenAI Moderation endpoint as a moderator: batched across streams, paced, retried.
+
+One :class:`OpenAIModerator` is meant to be shared by every guarded stream of a process. Windows
+from concurrent streams are coalesced into array-input calls (see ``_batcher.py``), so 100
+streams moderating at once make a handful of HTTP requests, not 100.
+
+Pacing: each response's ``x-ratelimit-*`` headers say how many requests and tokens are left and
+when the budget resets. A call that would exceed what is left waits for the reset instead of
+provoking a 429. Tokens are estimated cheaply (characters / 4); the estimate only paces.
+
+Retries: the client's own retries are turned off (``with_options(max_retries=0)``) so the
+policy is in one place: 408/409/429/5xx, connection errors and timeouts are retried with
+jittered exponential backoff, honouring ``retry-after-ms`` / ``retry-after``.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import math
+import random
+import re
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import anyio
+import openai
+
+from ..exceptions import ConfigError, ModerationError
+from ._base import Verdict
+from ._batcher import Batcher
+
+if TYPE_CHECKING:
+    from openai.types import Moderation
+
+__all__ = ["ModerationStats", "OpenAIModerator"]
+
+logger = logging.getLogger(__name__)
+
+_RETRY_STATUS = frozenset({408, 409, 429})
+_MAX_BACKOFF = 8.0
+# A Retry-After longer than this is not honoured as is (the backoff cap applies instead).
+_MAX_RETRY_AFTER = 60.0
+
+
+@dataclass(frozen=True)
+class ModerationStats:
+    """Counters of one :class:`OpenAIModerator`, as a snapshot.
+
+    Attributes:
+        calls: ``moderate()`` calls.
+        texts: Texts moderated.
+        moderated_chars: Characters moderated.
+        requests: HTTP requests sent, retries included.
+        batches: Batched calls (one or more requests each, with retries).
+        retries: Requests that were retries.
+        paced_seconds: Total time spent waiting for a rate-limit reset before sending.
+    """
+
+    calls: int = 0
+    texts: int = 0
+    moderated_chars: int = 0
+    requests: int = 0
+    batches: int = 0
+    retries: int = 0
+    paced_seconds: float = 0.0
+
+
+class OpenAIModerator:
+    """Moderate texts with the OpenAI Moderation endpoint (or any compatible ``base_url``).
+
+    Category names are kept as the endpoint sends them (``"self-harm/intent"``,
+    ``"illicit/violent"``, ...); ``Policy.thresholds`` applies to ``category_scores``.
+
+    Args:
+        client: The client to call through; its ``base_url``, key and HTTP client are used.
+        model: Moderation model.
+        max_batch: Most texts in one array-input request.
+        max_wait: Seconds the first window of a batch waits for windows of other streams.
+        max_retries: Retries of a failed request (429, 5xx, connection error, timeout).
+        timeout: Seconds one HTTP request may take.
+        backoff: Base of the exponential backoff, in seconds (doubled per retry, jittered).
+
+    Raises:
+        ConfigError: An option is out of range.
+    """
+
+    def __init__(
+        self,
+        client: openai.AsyncOpenAI,
+        *,
+        model: str = "omni-moderation-latest",
+        max_batch: int = 32,
+        max_wait: float = 0.005,
+        max_retries: int = 3,
+        timeout: float = 10.0,
+        backoff: float = 0.25,
+    ) -> None:
+        if max_retries < 0:
+            raise ConfigError(f"max_retries must be >= 0, got {max_retries!r}")
+        if not (timeout > 0 and math.isfinite(timeout)):
+            raise ConfigError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        if not (backoff >= 0 and math.isfinite(backoff)):
+            raise ConfigError(f"backoff must be a non-negative number of seconds, got {backoff!r}")
+        self._client = client.with_options(max_retries=0, timeout=timeout)
+        self.model = model
+        self.max_retries = max_retries
+        self._backoff = backoff
+        self._batcher: Batcher[str, Verdict] = Batcher(self._send, max_batch=max_batch, max_wait=max_wait)
+        self._limits = _RateLimits()
+        self._calls = 0
+        self._texts = 0
+        self._chars = 0
+        self._requests = 0
+        self._batches = 0
+        self._retries = 0
+        self._paced = 0.0
+
+    @property
+    def stats(self) -> ModerationStats:
+        """Counters so far (a snapshot)."""
+        return ModerationStats(
+            calls=self._calls,
+            texts=self._texts,
+            moderated_chars=self._chars,
+            requests=self._requests,
+            batches=self._batches,
+            retries=self._retries,
+            paced_seconds=self._paced,
+        )
+
+    async def moderate(self, texts: Sequence[str]) -> list[Verdict]:
+        """Judge each text; one verdict per text, in order.
+
+        Args:
+            texts: Texts to judge, batched with those of concurrent callers.
+
+        Returns:
+            One :class:`Verdict` per text.
+
+        Raises:
+            ModerationError: The endpoint failed after retries, refused the request, or
+                returned a different number of results than inputs.
+        """
+        self._calls += 1
+        return await self._batcher.submit(texts)
+
+    async def _send(self, texts: list[str]) -> list[Verdict]:
+        """One batched call, paced and retried; the batcher fans the verdicts out."""
+        self._batches += 1
+        tokens = _estimate_tokens(texts)
+        attempt = 0
+        while True:
+            await self._pace(tokens)
+            self._requests += 1
+            try:
+                raw = await self._client.moderations.with_raw_response.create(input=texts, model=self.model)
+            except openai.APIStatusError as exc:
+                self._limits.update(exc.response.headers)
+                retryable = exc.status_code in _RETRY_STATUS or exc.status_code >= 500
+                delay = _retry_after(exc.response.headers)
+                if not retryable or attempt >= self.max_retries:
+                    raise ModerationError(
+                        f"moderation request failed with HTTP {exc.status_code}"
+                        + (f" after {attempt} retries" if attempt else "")
+                    ) from exc
+            except openai.APIConnectionError as exc:  # includes APITimeoutError
+                delay = None
+                if attempt >= self.max_retries:
+                    kind = "timed out" if isinstance(exc, openai.APITimeoutError) else "could not connect"
+                    raise ModerationError(
+                        f"moderation request {kind}" + (f" after {attempt} retries" if attempt else "")
+                    ) from exc
+            else:
+                self._limits.update(raw.headers)
+                try:
+                    results = list(raw.parse().results)
+                    verdicts = [_verdict(r) for r in results]
+                except (AttributeError, TypeError, ValueError) as exc:
+                    raise ModerationError(f"malformed moderation response: {exc}") from exc
+                if len(verdicts) != len(texts):
+                    raise ModerationError(
+                        f"moderation endpoint returned {len(verdicts)} results for {len(texts)} inputs"
+                    )
+                self._texts += len(texts)
+                self._chars += sum(map(len, texts))
+                return verdicts
+            if delay is None:
+                delay = self._backoff * 2**attempt
+                delay = min(_MAX_BACKOFF, delay) * random.uniform(0.5, 1.0)
+            attempt += 1
+            self._retries += 1
+            logger.debug("moderation request failed; retry %d in %.3fs", attempt, delay)
+            await anyio.sleep(delay)
+
+    async def _pace(self, tokens: int) -> None:
+        """Wait until the rate-limit budget allows a request of ``tokens`` estimated tokens."""
+        # A loop: while we slept, another batch's response may have announced a new reset.
+        while (wait := self._limits.reserve(tokens, time.monotonic())) > 0:
+            logger.debug("rate limit used up: waiting %.3fs for the reset", wait)
+            self._paced += wait
+            await anyio.sleep(wait)
+
+
+class _RateLimits:
+    """What the last response said about the budget, minus what was sent since."""
+
+    def __init__(self) -> None:
+        self.requests: float | None = None  # remaining; None: unknown
+        self.tokens: float | None = None
+        self.requests_reset = 0.0  # monotonic time at which the budget is full again
+        self.tokens_reset = 0.0
+
+    def update(self, headers: Mapping[str, str]) -> None:
+        now = time.monotonic()
+        requests = _number(headers.get("x-ratelimit-remaining-requests"))
+        tokens = _number(headers.get("x-ratelimit-remaining-tokens"))
+        if requests is not None:
+            self.requests = requests
+            self.requests_reset = now + (_duration(headers.get("x-ratelimit-reset-requests")) or 0.0)
+        if tokens is not None:
+            self.tokens = tokens
+            self.tokens_reset = now + (_duration(headers.get("x-ratelimit-reset-tokens")) or 0.0)
+
+    def reserve(self, tokens: int, now: float) -> float:
+        """Seconds to wait before sending; if none, count the request against the budget."""
+        if self.requests is not None and now >= self.requests_reset:
+            self.requests = None  # reset passed: unknown (plenty) until the next response
+        if self.tokens is not None and now >= self.tokens_reset:
+            self.tokens = None
+        wait = 0.0
+        if self.requests is not None and self.requests < 1:
+            wait = max(wait, self.requests_reset - now)
+        if self.tokens is not None and self.tokens < tokens:
+            wait = max(wait, self.tokens_reset - now)
+        if wait <= 0:
+            if self.requests is not None:
+                self.requests -= 1
+            if self.tokens is not None:
+                self.tokens -= tokens
+        return wait
+
+
+def _verdict(result: Moderation) -> Verdict:
+    """A Verdict with the endpoint's own category names (``"self-harm/intent"``)."""
+    categories = {k: v for k, v in _fields(result.categories).items() if isinstance(v, bool)}
+    scores = {
+        k: float(v)
+        for k, v in _fields(result.category_scores).items()
+        if isinstance(v, int | float) and not isinstance(v, bool)
+    }
+    return Verdict(flagged=bool(result.flagged), categories=categories, scores=scores)
+
+
+def _fields(value: object) -> dict[str, object]:
+    """API-named fields of a parsed model (or of a plain dict, if the client left one)."""
+    if isinstance(value, openai.BaseModel):
+        return value.to_dict()
+    if isinstance(value, Mapping):
+        return {str(k): v for k, v in value.items()}
+    raise TypeError(f"expected an object of categories, got {type(value).__name__}")
+
+
+def _estimate_tokens(texts: Sequence[str]) -> int:
+    """Cheap token estimate for pacing: about four characters per token."""
+    return sum(len(t) // 4 + 1 for t in texts)
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|h|m|s)")
+
+
+def _duration(value: str | None) -> float | None:
+    """Seconds in an OpenAI reset header: ``"1s"``, ``"6m0s"``, ``"20ms"``, ``"0.2s"`` or ``"0.2"``."""
+    if not value:
+        return None
+    value = value.strip()
+    number = _number(value)
+    if number is not None:
+        return max(0.0, number)
+    parts = _DURATION.findall(value)
+    if not parts or "".join(n + u for n, u in parts) != value.replace(" ", ""):
+        return None
+    scale = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+    return sum(float(n) * scale[u] for n, u in parts)
+
+
+def _number(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _retry_after(headers: Mapping[str, str]) -> float | None:
+    """Seconds the server asked to wait (``retry-after-ms`` or ``retry-after``), if reasonable."""
+    delay = _number(headers.get("retry-after-ms"))
+    if delay is not None:
+        delay /= 1000
+    else:
+        raw = headers.get("retry-after")
+        delay = _number(raw)
+        if delay is None and raw:
+            parsed = email.utils.parsedate_tz(raw)
+            if parsed is not None:
+                delay = email.utils.mktime_tz(parsed) - time.time()
+    if delay is None or not 0 <= delay <= _MAX_RETRY_AFTER:
+        return None
+    return delay
