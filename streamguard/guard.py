@@ -453,6 +453,8 @@ class _Engine:
         self._usage.observe(chunk)
         if self._template is None:
             self._template = chunk
+        if chunk.moderation is not None:
+            self._on_upstream_moderation(chunk.moderation)
         if not chunk.choices:
             if chunk.usage is not None:
                 self._usage_emitted = True
@@ -476,8 +478,9 @@ class _Engine:
             state = self._choices[choice.index] = _ChoiceState(choice.index, buffer, chunk)
         if state.cut:
             return  # after a cut-off upstream text is counted for usage, never shown
-        delta = choice.delta
-        content, refusal = delta.content or "", delta.refusal or ""
+        delta = getattr(choice, "delta", None)  # Azure annotation chunks carry none
+        content = (getattr(delta, "content", None) or "") if delta is not None else ""
+        refusal = (getattr(delta, "refusal", None) or "") if delta is not None else ""
         text = content + refusal
         text_field: Literal["content", "refusal"] | None = None
         if content and not refusal:
@@ -498,6 +501,40 @@ class _Engine:
             state.finished = True
             state.finish_reason = choice.finish_reason
             self._flush(state)
+
+    def _on_upstream_moderation(self, moderation: Any) -> None:
+        """Honour the provider's own output moderation (``moderation=`` on the request) like a local flag."""
+        output = moderation.model_dump().get("output") or {}
+        for i, result in enumerate(output.get("results") or []):
+            verdict = Verdict(
+                bool(result.get("flagged")), result.get("categories") or {}, result.get("category_scores") or {}
+            )
+            decision = self.policy.judge(verdict)
+            state = self._choices.get(i)
+            if decision is None or state is None or state.cut:
+                continue
+            flag = Flag(
+                choice=i,
+                start=0,
+                end=state.buffer.total,
+                context_start=0,
+                category=decision.category,
+                score=decision.score,
+                categories=dict(decision.categories),
+                scores=dict(decision.scores),
+                action=self.policy.action,
+                source="upstream",
+            )
+            self._flags.append(flag)
+            self._leaked += state.released  # shown before the provider's verdict arrived
+            if self.policy.action == "cutoff" and state.items:
+                # Whatever is still held is withheld; the choice ends as content_filter.
+                state.cut = True
+                state.finish_reason = "content_filter"
+                state.settled = state.released
+                state.pending.clear()
+                state.results.clear()
+            self._call(self._on_flag, flag)
 
     def _on_upstream_end(self) -> None:
         self._upstream_done = True
@@ -663,7 +700,10 @@ class _Engine:
                 if item.start > limit:
                     break
             elif item.end > limit:
-                if max(item.start, state.released) < limit:
+                # A delta straddling the limit waits whole for the next verdict (chunks keep their
+                # shape), unless it is longer than a window or the choice was cut.
+                long_delta = item.end - item.start > self.policy.window_chars
+                if (cut or long_delta) and max(item.start, state.released) < limit:
                     out.extend(self._part(state, item, limit, keep_finish=False))
                 break
             state.items.popleft()

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Mapping
 from typing import Any
 
 from openai.types.chat import ChatCompletionChunk
+from pydantic import ValidationError
 
 __all__ = ["as_chunk", "chunk_iterator", "close_quietly"]
 
@@ -20,7 +21,12 @@ def as_chunk(obj: ChatCompletionChunk | Mapping[str, Any]) -> ChatCompletionChun
     if isinstance(obj, ChatCompletionChunk):
         return obj
     if isinstance(obj, Mapping):
-        return ChatCompletionChunk.model_validate(dict(obj))
+        try:
+            return ChatCompletionChunk.model_validate(dict(obj))
+        except ValidationError:
+            # Be as lenient as the openai client is with what providers really send (e.g. Azure's
+            # filter annotations: ``object: ""``, choices without a delta).
+            return ChatCompletionChunk.construct(**dict(obj))
     raise TypeError(f"expected a ChatCompletionChunk or a dict, got {type(obj).__name__}")
 
 
