@@ -41,7 +41,7 @@ async def test_unflagged_recording_comes_out_identical(
     path: Path, upstream: LoopbackUpstream, client: AsyncOpenAI
 ) -> None:
     """Nothing flagged: every recorded chunk comes out as recorded, in order; usage is added only if missing."""
-    body = path.read_bytes()
+    body = await anyio.Path(path).read_bytes()
     upstream.chat = lambda request: Script(raw=body)
     recorded = events_of(body)
     with anyio.fail_after(10):
@@ -66,7 +66,7 @@ async def test_azure_blocklisted_word_is_caught_in_a_real_recording(
     upstream: LoopbackUpstream, client: AsyncOpenAI
 ) -> None:
     """The Azure async-filter recording repeats a blocklisted word: hold-back never shows it."""
-    body = (FIXTURES / "cc_azure_async_filter_flagged.sse").read_bytes()
+    body = await anyio.Path(FIXTURES / "cc_azure_async_filter_flagged.sse").read_bytes()
     upstream.chat = lambda request: Script(raw=body)
     with anyio.fail_after(10):
         stream = await client.chat.completions.create(model="gpt-4o", messages=[], stream=True)
