@@ -51,6 +51,8 @@ logger = logging.getLogger(__name__)
 
 Hook = Callable[[Any], object]
 
+_OUT_BUFFER = 16
+
 
 def guard(
     stream: AsyncIterable[Any],
@@ -184,7 +186,10 @@ class GuardedStream:
             self._start_bare()
         assert self._receive is not None
         try:
-            return await self._receive.receive()
+            try:
+                return self._receive.receive_nowait()  # buffered chunks need no task switch
+            except anyio.WouldBlock:
+                return await self._receive.receive()
         except anyio.EndOfStream:
             self._closed = True
             self._receive.close()
@@ -326,8 +331,9 @@ class _Engine:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self, spawn: Callable[..., object]) -> MemoryObjectReceiveStream[ChatCompletionChunk]:
-        # Zero buffer: nothing is produced ahead of the consumer beyond one chunk in hand.
-        send, receive = anyio.create_memory_object_stream[ChatCompletionChunk](0)
+        # A small buffer of released chunks lets the pump hand over several without a task switch
+        # each; it bounds how far the pump runs ahead of a slow consumer.
+        send, receive = anyio.create_memory_object_stream[ChatCompletionChunk](_OUT_BUFFER)
         self._finished = anyio.Event()
         spawn(self._run, send)
         return receive
@@ -397,7 +403,11 @@ class _Engine:
                         raw = await iterator.__anext__()
                     except StopAsyncIteration:
                         break
-                    await events.send(_Event("chunk", chunk=as_chunk(raw)))
+                    event = _Event("chunk", chunk=as_chunk(raw))
+                    try:
+                        events.send_nowait(event)  # no task switch per chunk while the pump keeps up
+                    except anyio.WouldBlock:
+                        await events.send(event)
             except Exception as exc:  # forwarded, re-raised to the consumer
                 await events.send(_Event("upstream_error", error=exc))
             else:
@@ -668,8 +678,10 @@ class _Engine:
         progressed = True
         while progressed:
             progressed = False
+            # A choice-less chunk keeps its place: nothing that came after it goes out before it.
+            bound = self._loose[0].seq if self._loose else math.inf
             for state in list(self._choices.values()):
-                for chunk in self._releasable(state):
+                for chunk in self._releasable(state, bound):
                     await self._emit(out, chunk)
                     progressed = True
             while self._loose and self._loose[0].seq < self._oldest_held():
@@ -682,15 +694,20 @@ class _Engine:
 
     async def _emit(self, out: MemoryObjectSendStream[ChatCompletionChunk], chunk: ChatCompletionChunk) -> None:
         self._usage.observe_shown(chunk)
-        await out.send(chunk)
+        try:
+            out.send_nowait(chunk)
+        except anyio.WouldBlock:
+            await out.send(chunk)
 
-    def _releasable(self, state: _ChoiceState) -> list[ChatCompletionChunk]:
-        """Pop what may be released now from ``state``, as output chunks."""
+    def _releasable(self, state: _ChoiceState, bound: float) -> list[ChatCompletionChunk]:
+        """Pop what may be released now from ``state`` (items before ``bound``), as output chunks."""
         out: list[ChatCompletionChunk] = []
         cut = state.cut
         limit = state.buffer.total if self.policy.mode == "stream_first" and not cut else state.settled
         while state.items:
             item = state.items[0]
+            if item.seq > bound and not cut:
+                break
             if item.finish and cut and item.start == item.end:
                 state.items.popleft()  # replaced by the content_filter finish
                 continue

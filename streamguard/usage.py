@@ -237,6 +237,10 @@ def _splitter(encoding_name: str) -> Callable[[str], list[str]]:
     return findall
 
 
+# Text is pre-tokenized and encoded in batches of at least this many characters.
+_BATCH_CHARS = 256
+
+
 class _IncrementalCounter:
     """Token count of a growing text, encoding each settled regex piece once."""
 
@@ -262,6 +266,10 @@ class _IncrementalCounter:
                 if unicodedata.category(char) == "Cn":
                     self._stuck_at = len(self._pending) + offset
                     break
+        if len(pending) < _BATCH_CHARS:
+            # Split and encode once per batch of text, not per delta: a delta costs an append.
+            self._pending = pending
+            return
         pieces = self._split(pending)
         keep = _HOLD_BACK
         if self._stuck_at is not None:
