@@ -300,14 +300,39 @@ class _IncrementalCounter:
 _Key = tuple[int, str, int]
 
 
+class _LazyCounter:
+    """Token count of a growing text, encoded only when asked (and then cached)."""
+
+    __slots__ = ("_cached", "_encode", "_parts")
+
+    def __init__(self, encoding: tiktoken.Encoding) -> None:
+        self._encode = encoding.encode_ordinary
+        self._parts: list[str] = []
+        self._cached: tuple[int, int] = (0, 0)  # (parts counted, tokens)
+
+    def feed(self, text: str) -> None:
+        self._parts.append(text)
+
+    @property
+    def tokens(self) -> int:
+        if self._cached[0] != len(self._parts):
+            self._cached = (len(self._parts), len(self._encode("".join(self._parts))))
+        return self._cached[1]
+
+
 class _ChoiceCounters:
-    """Incremental counters for every generated text of every choice."""
+    """Counters for every generated text of every choice.
 
-    __slots__ = ("_counters", "_encoding")
+    ``lazy``: keep the text and encode it when the count is read, instead of per batch. Used for
+    the shown text, which is read once at the end: a delta then costs one list append.
+    """
 
-    def __init__(self) -> None:
-        self._counters: dict[_Key, _IncrementalCounter] = {}
+    __slots__ = ("_counters", "_encoding", "_lazy")
+
+    def __init__(self, *, lazy: bool = False) -> None:
+        self._counters: dict[_Key, _IncrementalCounter | _LazyCounter] = {}
         self._encoding: tiktoken.Encoding | None = None
+        self._lazy = lazy
 
     def feed(self, chunk: ChatCompletionChunk, model: str | None) -> None:
         for choice in chunk.choices:
@@ -334,7 +359,8 @@ class _ChoiceCounters:
         if counter is None:
             if self._encoding is None:
                 self._encoding = encoding_for_model(model)
-            counter = self._counters[key] = _IncrementalCounter(self._encoding)
+            kind = _LazyCounter if self._lazy else _IncrementalCounter
+            counter = self._counters[key] = kind(self._encoding)
         counter.feed(text)
 
     @property
@@ -380,7 +406,7 @@ class UsageTracker:
         self._tools = None if tools is None else list(tools)
         self._upstream: CompletionUsage | None = None
         self._generated = _ChoiceCounters()
-        self._shown = _ChoiceCounters()
+        self._shown = _ChoiceCounters(lazy=True)
         self._prompt_tokens: int | None = None
 
     @property
