@@ -41,7 +41,7 @@ from .exceptions import ModerationError, ModerationTimeout
 from .moderation._base import Moderator, Verdict
 from .policy import Policy
 from .report import Flag, GuardReport, Span, VerdictEvent
-from .sources import as_chunk, chunk_iterator, close_quietly
+from .sources import as_chunk, chunk_iterator, close_quietly, input_text
 from .usage import UsageTracker
 from .window import Window, WindowBuffer
 
@@ -124,6 +124,8 @@ class GuardedStream:
             moderator=moderator,
             policy=policy,
             usage=UsageTracker(model=model, messages=messages, tools=tools),
+            model=model,
+            messages=messages,
             n=n or 1,
             on_verdict=on_verdict,
             on_flag=on_flag,
@@ -281,7 +283,7 @@ class _ChoiceState:
 
 @dataclass
 class _Event:
-    kind: Literal["chunk", "end", "upstream_error", "verdict"]
+    kind: Literal["chunk", "end", "upstream_error", "verdict", "input_verdict"]
     chunk: ChatCompletionChunk | None = None
     error: BaseException | None = None
     choice: int = 0
@@ -298,6 +300,8 @@ class _Engine:
         moderator: Moderator,
         policy: Policy,
         usage: UsageTracker,
+        model: str | None = None,
+        messages: Sequence[Mapping[str, Any]] | None = None,
         n: int,
         on_verdict: Hook | None,
         on_flag: Hook | None,
@@ -307,6 +311,12 @@ class _Engine:
         self._moderator = moderator
         self._usage = usage
         self._n = n
+        self._model = model
+        self._messages = messages
+        self._input_pending = False
+        self._input_flagged = False
+        self._input_chars = 0
+        self._input_truncated = False
         self._on_verdict = on_verdict
         self._on_flag = on_flag
         self._choices: dict[int, _ChoiceState] = {}
@@ -366,6 +376,8 @@ class _Engine:
                     reader = anyio.CancelScope()
                     self._reader_scope = reader
                     tg.start_soon(self._read, iterator, reader)
+                    if self.policy.moderate_input and self._messages:
+                        self._start_input_moderation()
                     try:
                         await self._loop(receive, out)
                     except (anyio.BrokenResourceError, anyio.ClosedResourceError):
@@ -442,6 +454,7 @@ class _Engine:
             await self._release(out)
             if self._all_choices_done() and not self._upstream_done:
                 await self._stop_upstream()
+                await self._release(out)
             if self._upstream_done and self._everything_released():
                 await self._finish(out)
                 return
@@ -453,6 +466,9 @@ class _Engine:
         elif event.kind == "verdict":
             assert event.window is not None and event.result is not None
             self._on_verdict_event(event.choice, event.window, event.result, event.latency)
+        elif event.kind == "input_verdict":
+            assert event.window is not None and event.result is not None
+            self._on_input_verdict(event.window, event.result, event.latency)
         elif event.kind == "end":
             self._on_upstream_end()
         else:
@@ -486,6 +502,8 @@ class _Engine:
                 overlap_chars=p.overlap_chars,
             )
             state = self._choices[choice.index] = _ChoiceState(choice.index, buffer, chunk)
+            if self._input_flagged:
+                self._cut(state, at=0)
         if state.cut:
             return  # after a cut-off upstream text is counted for usage, never shown
         delta = getattr(choice, "delta", None)  # Azure annotation chunks carry none
@@ -511,6 +529,49 @@ class _Engine:
             state.finished = True
             state.finish_reason = choice.finish_reason
             self._flush(state)
+
+    def _on_input_verdict(self, w: Window, outcome: Verdict | BaseException, took: float) -> None:
+        self._calls += 1
+        self._latencies.append(took)
+        self._moderated_chars += len(w.text)
+        self._input_pending = False
+        flag: Flag | None = None
+        if isinstance(outcome, BaseException):
+            if self.policy.on_error == "fail_closed":
+                if isinstance(outcome, ModerationError):
+                    raise outcome
+                raise ModerationError(f"input moderation failed: {outcome!r}") from outcome
+            self._unmoderated.append(Span(-1, 0, w.end, repr(outcome)))
+        else:
+            decision = self.policy.judge(outcome)
+            if decision is not None:
+                flag = Flag(
+                    choice=-1,
+                    start=0,
+                    end=w.end,
+                    context_start=0,
+                    category=decision.category,
+                    score=decision.score,
+                    categories=dict(decision.categories),
+                    scores=dict(decision.scores),
+                    action="cutoff",
+                    source="input",
+                )
+                self._flags.append(flag)
+                self._input_flagged = True
+                for state in self._choices.values():
+                    self._cut(state, at=state.released)
+        self._call(self._on_verdict, _event(-1, w, flag, took, outcome if isinstance(outcome, BaseException) else None))
+        if flag is not None:
+            self._call(self._on_flag, flag)
+
+    def _cut(self, state: _ChoiceState, *, at: int) -> None:
+        """End ``state`` as content_filter: nothing past ``at`` is released."""
+        state.cut = True
+        state.finish_reason = "content_filter"
+        state.settled = max(state.released, min(state.settled, at))
+        state.pending.clear()
+        state.results.clear()
 
     def _on_upstream_moderation(self, moderation: Any) -> None:
         """Honour the provider's own output moderation (``moderation=`` on the request) like a local flag."""
@@ -539,11 +600,7 @@ class _Engine:
             self._leaked += state.released  # shown before the provider's verdict arrived
             if self.policy.action == "cutoff" and state.items:
                 # Whatever is still held is withheld; the choice ends as content_filter.
-                state.cut = True
-                state.finish_reason = "content_filter"
-                state.settled = state.released
-                state.pending.clear()
-                state.results.clear()
+                self._cut(state, at=state.released)
             self._call(self._on_flag, flag)
 
     def _on_upstream_end(self) -> None:
@@ -578,23 +635,42 @@ class _Engine:
         self._moderated_chars += len(window.text)
         self._tg.start_soon(self._moderate, state.index, window)
 
+    def _start_input_moderation(self) -> None:
+        assert self._messages is not None
+        text, self._input_truncated = input_text(self._messages, self.policy.input_max_chars)
+        if text:
+            self._input_pending = True
+            self._input_chars = len(text)
+            self._tg.start_soon(self._moderate_input, text)
+
+    async def _moderate_input(self, text: str) -> None:
+        # Concurrent with upstream's generation, never before it: no limiter slot is taken.
+        result, latency = await self._call_moderator(text)
+        await self._events.send(
+            _Event("input_verdict", window=Window(-1, 0, len(text), 0, text), result=result, latency=latency)
+        )
+
     async def _moderate(self, choice: int, window: Window) -> None:
-        result: Verdict | BaseException
         async with self._limiter:
-            started = time.perf_counter()
-            try:
-                with anyio.fail_after(self.policy.moderation_timeout):
-                    verdicts = await self._moderator.moderate([window.text])
-                if len(verdicts) != 1:
-                    raise ModerationError(f"moderator returned {len(verdicts)} verdicts for 1 text")
-                result = verdicts[0]
-            except TimeoutError as exc:
-                result = ModerationTimeout(f"moderation took longer than {self.policy.moderation_timeout}s")
-                result.__cause__ = exc
-            except Exception as exc:  # the policy decides (on_error)
-                result = exc
-            latency = time.perf_counter() - started
+            result, latency = await self._call_moderator(window.text)
         await self._events.send(_Event("verdict", choice=choice, window=window, result=result, latency=latency))
+
+    async def _call_moderator(self, text: str) -> tuple[Verdict | BaseException, float]:
+        result: Verdict | BaseException
+        started = time.perf_counter()
+        try:
+            with anyio.fail_after(self.policy.moderation_timeout):
+                verdicts = await self._moderator.moderate([text])
+            if len(verdicts) != 1:
+                raise ModerationError(f"moderator returned {len(verdicts)} verdicts for 1 text")
+            result = verdicts[0]
+        except TimeoutError as exc:
+            result = ModerationTimeout(f"moderation took longer than {self.policy.moderation_timeout}s")
+            result.__cause__ = exc
+        except Exception as exc:  # the policy decides (on_error)
+            result = exc
+        latency = time.perf_counter() - started
+        return result, latency
 
     def _on_verdict_event(self, choice: int, window: Window, result: Verdict | BaseException, latency: float) -> None:
         state = self._choices[choice]
@@ -647,10 +723,7 @@ class _Engine:
                 self._flags.append(flag)
                 if self.policy.action == "cutoff":
                     self._leaked += max(0, state.released - w.start)
-                    state.cut = True
-                    state.finish_reason = "content_filter"
-                    state.pending.clear()
-                    state.results.clear()
+                    self._cut(state, at=w.start)
                 else:
                     self._leaked += max(0, min(state.released, w.end) - w.start)
                     state.redactions.append((w.start, w.end))
@@ -675,6 +748,8 @@ class _Engine:
     # -- releasing ---------------------------------------------------------------------------
 
     async def _release(self, out: MemoryObjectSendStream[ChatCompletionChunk]) -> None:
+        if self._input_pending and self.policy.mode == "holdback":
+            return  # no output before the input verdict
         progressed = True
         while progressed:
             progressed = False
@@ -776,8 +851,20 @@ class _Engine:
         return not self._loose and all(s.cut or (not s.items and not s.pending) for s in self._choices.values())
 
     def _all_choices_done(self) -> bool:
+        if self._input_flagged:
+            self._end_unseen_choices()
+            return True
         states = self._choices.values()
         return len(self._choices) >= self._n and any(s.cut for s in states) and all(s.cut or s.finished for s in states)
+
+    def _end_unseen_choices(self) -> None:
+        """After a flagged input, end choices upstream has not started yet, too."""
+        for index in range(self._n):
+            if index not in self._choices:
+                template = self._template or _fresh_chunk_from(self._model)
+                buffer = WindowBuffer(window_chars=1, first_window_chars=1)
+                state = self._choices[index] = _ChoiceState(index, buffer, template)
+                self._cut(state, at=0)
 
     async def _stop_upstream(self) -> None:
         """Every choice was cut: stop reading and close upstream now, so generation stops."""
@@ -819,8 +906,23 @@ class _Engine:
             usage=self._usage.usage() if ended or self._usage_emitted else None,
             usage_source=self._usage.source if ended or self._usage_emitted else None,
             shown_completion_tokens=self._usage.shown_completion_tokens,
+            input_moderated_chars=self._input_chars,
+            input_truncated=self._input_truncated,
             error=self.error,
         )
+
+
+def _fresh_chunk_from(model: str | None) -> ChatCompletionChunk:
+    """A template for chunks streamguard emits before upstream sent any."""
+    return ChatCompletionChunk.model_validate(
+        {
+            "id": "chatcmpl-streamguard",
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": model or "",
+            "choices": [],
+        }
+    )
 
 
 def _event(choice: int, w: Window, flag: Flag | None, took: float, error: BaseException | None) -> VerdictEvent:

@@ -61,6 +61,12 @@ class Policy:
         thresholds: Category -> minimum score that flags, on ``category_scores``; applies in
             addition to the backend's own per-category flags for categories not listed here.
         ignore_categories: Categories that never flag.
+        moderate_input: Also moderate the request's messages (the ``messages`` given to
+            ``guard``), concurrently with upstream's generation, never before it. In hold-back mode
+            no output text is released until the input verdict is in; a flagged input ends every
+            choice with ``finish_reason="content_filter"`` and closes upstream.
+        input_max_chars: How much of the conversation input moderation sends: the newest
+            messages first, up to this many characters (the report says when it was cut short).
         include_usage: Yield a final usage chunk (``choices == []``) at stream end when upstream
             sent none. Turn off for consumers that index ``choices[0]`` blindly.
         close_timeout: Seconds that shielded cleanup (closing upstream) may take.
@@ -79,6 +85,8 @@ class Policy:
     on_error: OnError = "fail_closed"
     thresholds: Mapping[str, float] = field(default_factory=dict)
     ignore_categories: frozenset[str] = frozenset()
+    moderate_input: bool = False
+    input_max_chars: int = 8000
     include_usage: bool = True
     close_timeout: float = 2.0
 
@@ -94,6 +102,8 @@ class Policy:
             raise ConfigError("overlap_chars must be >= 0")
         if not self.window_growth >= 1.0:
             raise ConfigError("window_growth must be >= 1")
+        if self.input_max_chars < 1:
+            raise ConfigError("input_max_chars must be >= 1")
         if self.max_in_flight < 1:
             raise ConfigError("max_in_flight must be >= 1")
         for name in ("flush_after", "moderation_timeout", "close_timeout"):

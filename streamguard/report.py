@@ -16,7 +16,7 @@ class Flag:
     """One flagged window.
 
     Attributes:
-        choice: Choice index.
+        choice: Choice index (``-1`` for a flag on the request's input).
         start: Offset (in the choice's text) of the flagged window's new text.
         end: Offset just past it.
         context_start: Where the context sent with it began.
@@ -25,8 +25,9 @@ class Flag:
         categories: Every category the moderator returned.
         scores: Every score the moderator returned.
         action: What was done: ``"cutoff"`` or ``"redact"``.
-        source: ``"output"`` (a window of generated text) or ``"upstream"`` (a flag the
-            provider itself reported in the stream).
+        source: ``"output"`` (a window of generated text), ``"input"`` (the request's messages,
+            with ``Policy(moderate_input=True)``; offsets are into the moderated input text) or
+            ``"upstream"`` (a flag the provider itself reported in the stream).
     """
 
     choice: int
@@ -38,7 +39,7 @@ class Flag:
     categories: Mapping[str, bool] = field(default_factory=dict)
     scores: Mapping[str, float] = field(default_factory=dict)
     action: Literal["cutoff", "redact"] = "cutoff"
-    source: Literal["output", "upstream"] = "output"
+    source: Literal["output", "input", "upstream"] = "output"
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,8 @@ class GuardReport:
         usage: Token usage (upstream's when it sent one, else estimated); set at the end.
         usage_source: ``"upstream"`` or ``"estimated"``; ``None`` until the end.
         shown_completion_tokens: Completion tokens of the text the consumer was shown.
+        input_moderated_chars: Characters of the request's messages sent to the moderator.
+        input_truncated: Whether older messages were left out of input moderation (too long).
         error: The exception the stream ended with, if any.
     """
 
@@ -103,7 +106,14 @@ class GuardReport:
     usage: CompletionUsage | None = None
     usage_source: Literal["upstream", "estimated"] | None = None
     shown_completion_tokens: int = 0
+    input_moderated_chars: int = 0
+    input_truncated: bool = False
     error: BaseException | None = None
+
+    @property
+    def moderated_per_generated(self) -> float:
+        """Characters sent to the moderator per character generated (overlap makes it > 1)."""
+        return self.moderated_chars / self.generated_chars if self.generated_chars else 0.0
 
     @property
     def flagged(self) -> bool:

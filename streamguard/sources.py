@@ -7,13 +7,16 @@ iterables of plain dict chunks, validated into ``ChatCompletionChunk``.
 from __future__ import annotations
 
 import inspect
-from collections.abc import AsyncIterable, AsyncIterator, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
 from typing import Any
 
 from openai.types.chat import ChatCompletionChunk
 from pydantic import ValidationError
 
-__all__ = ["as_chunk", "chunk_iterator", "close_quietly"]
+__all__ = ["as_chunk", "chunk_iterator", "close_quietly", "input_text"]
+
+# Roles whose text is the app's own, not the user's: not sent to input moderation.
+_APP_ROLES = frozenset({"system", "developer"})
 
 
 def as_chunk(obj: ChatCompletionChunk | Mapping[str, Any]) -> ChatCompletionChunk:
@@ -48,3 +51,39 @@ async def close_quietly(obj: object) -> None:
             if inspect.isawaitable(result):
                 await result
             return
+
+
+def input_text(messages: Sequence[Mapping[str, Any]], max_chars: int) -> tuple[str, bool]:
+    """The text of a request's messages to moderate, newest first within ``max_chars``.
+
+    System and developer messages (the app's own) are left out; content parts of type ``text``
+    count. Returns the text (in conversation order) and whether older text was left out.
+    """
+    parts: list[str] = []
+    size = 0
+    truncated = False
+    for message in reversed(messages):
+        if message.get("role") in _APP_ROLES:
+            continue
+        text = _message_text(message.get("content"))
+        if not text:
+            continue
+        if size + len(text) > max_chars:
+            room = max_chars - size
+            if room > 0:
+                parts.append(text[-room:])
+            truncated = True
+            break
+        parts.append(text)
+        size += len(text) + 1
+    return "\n".join(reversed(parts)), truncated
+
+
+def _message_text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, Sequence):
+        return "\n".join(
+            str(part.get("text", "")) for part in content if isinstance(part, Mapping) and part.get("type") == "text"
+        )
+    return ""
