@@ -1,0 +1,549 @@
+"""An OpenAI-compatible moderating proxy: ``POST /v1/chat/completions``, ``GET /v1/models``, ``/healthz``.
+
+Needs the ``[server]`` extra. Starlette and uvicorn are imported inside :func:`create_app` and
+:func:`serve` only, so the CLI can register ``streamguard serve`` without the extra installed.
+
+How a request is forwarded: the JSON body goes upstream *as received*, through the ``openai``
+client's low-level ``post()`` (``client.post("/chat/completions", body=body, ...)``), not through
+``chat.completions.create(**body)``, which would reject or drop fields it does not know. So
+provider-specific fields survive, while the client still does what it is good at: the SSE
+parsing into ``AsyncStream[ChatCompletionChunk]`` (chunks keep unknown fields, and ``to_json``
+gives them back), and typed errors (an upstream 4xx/5xx before the stream starts is returned
+with the upstream's own status and body). Its retries are off: the caller's client retries.
+
+Streaming requests are guarded (:class:`~streamguard.integrations.starlette.GuardedSSEResponse`);
+a usage chunk is sent only if the request asked for one (``stream_options.include_usage``),
+as OpenAI does. Non-streaming answers are moderated as one text per choice, under the same
+policy: a flagged choice comes back with empty content (``cutoff``) or the redaction text
+(``redact``) and ``finish_reason: "content_filter"``.
+
+Credentials: by default the caller's ``Authorization`` header passes through to upstream. With
+``ProxyConfig.upstream_api_key`` the proxy holds the upstream key itself and callers present
+one of ``ProxyConfig.client_keys`` (compared in constant time). The upstream key is never
+logged and never sent to a caller: an upstream 401/403 becomes a 502 that does not echo the
+upstream's message, and every error text is scrubbed of the key. The upstream URL comes from
+configuration only, never from a request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import hmac
+import importlib.util
+import json
+import logging
+import os
+import sys
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, cast
+
+import anyio
+import httpx2
+import openai
+from openai import AsyncOpenAI, AsyncStream
+from openai.types.chat import ChatCompletionChunk
+
+from ..exceptions import ConfigError, ModerationError, ModerationTimeout
+from ..moderation import KeywordModerator, LocalModerator, OpenAIModerator
+from ..moderation._base import Moderator, Verdict
+from ..policy import Policy
+from ._sse import describe_error, error_object, scrub
+
+if TYPE_CHECKING:
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import Response
+
+__all__ = ["ProxyConfig", "add_serve_subcommand", "create_app", "run_serve", "serve"]
+
+logger = logging.getLogger(__name__)
+
+ModeratorName = Literal["openai", "local", "keyword"]
+# Upstream response headers worth passing on to the caller (ids for support, rate-limit hints).
+_PASS_HEADERS = ("x-request-id", "retry-after", "retry-after-ms", "openai-processing-ms")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProxyConfig:
+    """How the proxy runs. Secrets are left out of ``repr``.
+
+    Attributes:
+        upstream: Base URL of the upstream API, e.g. ``"https://api.openai.com/v1"``.
+        moderator: ``"openai"`` (the Moderation endpoint at ``moderation_base_url``, else at
+            ``upstream``), ``"local"`` (:class:`~streamguard.LocalModerator`) or ``"keyword"``
+            (:class:`~streamguard.KeywordModerator` with ``keywords``).
+        keywords: Patterns for the keyword moderator.
+        policy: The guard's policy, for streamed and non-streamed answers alike.
+        upstream_api_key: The upstream key the proxy holds; ``None`` passes the caller's
+            ``Authorization`` header through.
+        client_keys: Keys callers must present as ``Authorization: Bearer <key>``; empty for
+            no check.
+        cors_origins: Origins allowed by CORS (``"*"`` for any); empty for no CORS headers.
+        moderation_base_url: Base URL of the Moderation endpoint, if not ``upstream``.
+        moderation_api_key: Key for the Moderation endpoint; else ``upstream_api_key``, else the
+            caller's ``Authorization``.
+        max_body_bytes: Larger request bodies are refused with 413.
+        timeout: Seconds an upstream request may take.
+        ping: Seconds of silence in a stream after which a ``: ping`` comment is sent.
+    """
+
+    upstream: str
+    moderator: ModeratorName = "openai"
+    keywords: Sequence[str] = ()
+    policy: Policy = field(default_factory=Policy)
+    upstream_api_key: str | None = field(default=None, repr=False)
+    client_keys: frozenset[str] = field(default=frozenset(), repr=False)
+    cors_origins: Sequence[str] = ()
+    moderation_base_url: str | None = None
+    moderation_api_key: str | None = field(default=None, repr=False)
+    max_body_bytes: int = 8 * 1024 * 1024
+    timeout: float = 600.0
+    ping: float | None = 15.0
+
+    def __post_init__(self) -> None:
+        for name in ("upstream", "moderation_base_url"):
+            url = getattr(self, name)
+            if url is not None and not url.startswith(("http://", "https://")):
+                raise ConfigError(f"{name} must be an http:// or https:// URL, got {url!r}")
+        if self.moderator not in ("openai", "local", "keyword"):
+            raise ConfigError(f"moderator must be 'openai', 'local' or 'keyword', got {self.moderator!r}")
+        if self.moderator == "keyword" and not self.keywords:
+            raise ConfigError("the keyword moderator needs keywords")
+        if self.max_body_bytes < 1:
+            raise ConfigError("max_body_bytes must be >= 1")
+        if not self.timeout > 0:
+            raise ConfigError("timeout must be a positive number of seconds")
+        if any(not key for key in self.client_keys):
+            raise ConfigError("client keys must not be empty")
+        object.__setattr__(self, "upstream", self.upstream.rstrip("/"))
+        object.__setattr__(self, "keywords", tuple(self.keywords))
+        object.__setattr__(self, "client_keys", frozenset(self.client_keys))
+        object.__setattr__(self, "cors_origins", tuple(self.cors_origins))
+
+
+def create_app(config: ProxyConfig) -> Starlette:
+    """The proxy as a Starlette app.
+
+    Args:
+        config: How to run.
+
+    Returns:
+        An ASGI app; its lifespan closes the upstream HTTP clients on shutdown.
+
+    Raises:
+        ConfigError: The configuration cannot work (e.g. the local moderator is not installed).
+    """
+    from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+    from starlette.middleware import Middleware
+    from starlette.middleware.cors import CORSMiddleware
+    from starlette.routing import Route
+
+    proxy = _Proxy(config)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        status = exc.status_code if isinstance(exc, HTTPException) else 500
+        detail = exc.detail if isinstance(exc, HTTPException) else "The server had an error."
+        kind = "invalid_request_error" if status < 500 else "server_error"
+        return _json(status, error_object(str(detail), kind))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            await proxy.aclose()
+
+    middleware = []
+    if config.cors_origins:
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=list(config.cors_origins),
+                allow_methods=["GET", "POST", "OPTIONS"],
+                allow_headers=["*"],  # Authorization and the openai client's own headers
+                expose_headers=["x-request-id"],
+            )
+        )
+    return Starlette(
+        routes=[
+            Route("/v1/chat/completions", proxy.chat, methods=["POST"]),
+            Route("/v1/models", proxy.models, methods=["GET"]),
+            Route("/v1/models/{model:path}", proxy.models, methods=["GET"]),
+            Route("/healthz", proxy.healthz, methods=["GET"]),
+        ],
+        middleware=middleware,
+        exception_handlers={HTTPException: http_error, 500: http_error},
+        lifespan=lifespan,
+    )
+
+
+def serve(config: ProxyConfig, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "info") -> None:
+    """Run the proxy with uvicorn until interrupted.
+
+    Args:
+        config: How to run.
+        host: Interface to listen on.
+        port: Port to listen on.
+        log_level: uvicorn's log level.
+    """
+    import uvicorn
+
+    uvicorn.run(create_app(config), host=host, port=port, log_level=log_level)
+
+
+class _Proxy:
+    """The handlers, and the clients they share."""
+
+    def __init__(self, config: ProxyConfig) -> None:
+        self.config = config
+        self.secrets = tuple(k for k in (config.upstream_api_key, config.moderation_api_key) if k)
+        self._client_keys = [key.encode() for key in sorted(config.client_keys)]
+        # Without a key of our own the caller's Authorization replaces this placeholder per request.
+        self.upstream = AsyncOpenAI(
+            api_key=config.upstream_api_key or "unused",
+            base_url=config.upstream,
+            max_retries=0,
+            timeout=config.timeout,
+        )
+        self._clients = [self.upstream]
+        self._moderator: Moderator | None = None
+        self._moderation_client: AsyncOpenAI | None = None
+        if config.moderator == "keyword":
+            self._moderator = KeywordModerator(config.keywords)
+        elif config.moderator == "local":
+            self._moderator = LocalModerator()
+        else:
+            key = config.moderation_api_key or config.upstream_api_key
+            client = AsyncOpenAI(
+                api_key=key or "unused", base_url=config.moderation_base_url or config.upstream, max_retries=0
+            )
+            self._clients.append(client)
+            if key is not None:
+                self._moderator = OpenAIModerator(client)  # shared, so windows of all streams are batched
+            else:
+                self._moderation_client = client
+        if config.upstream_api_key and not config.client_keys:
+            logger.warning("the proxy holds the upstream key but requires no client key: anyone can use it")
+
+    async def aclose(self) -> None:
+        with anyio.CancelScope(shield=True):
+            for client in self._clients:
+                await client.close()
+
+    def moderator_for(self, request: Request) -> Moderator:
+        if self._moderator is not None:
+            return self._moderator
+        assert self._moderation_client is not None
+        # The caller's credentials pay for the moderation of their own answer.
+        auth = request.headers.get("authorization")
+        client = self._moderation_client
+        if auth:
+            client = client.with_options(default_headers={"Authorization": auth})
+        return OpenAIModerator(client)
+
+    # -- handlers ----------------------------------------------------------------------------
+
+    async def healthz(self, request: Request) -> Response:
+        return _json(200, {"status": "ok"})
+
+    async def models(self, request: Request) -> Response:
+        if (denied := self.authorize(request)) is not None:
+            return denied
+        path = "/models" + request.url.path.removeprefix("/v1/models")
+        try:
+            headers = self.forward(request)
+            response = await self.upstream.get(path, cast_to=httpx2.Response, options={"headers": headers})
+        except openai.APIError as exc:
+            return self.open_error(exc)
+        return _raw(response, self.secrets)
+
+    async def chat(self, request: Request) -> Response:
+        if (denied := self.authorize(request)) is not None:
+            return denied
+        body = await self.read_json(request)
+        if not isinstance(body, dict):
+            return body
+        moderator = self.moderator_for(request)
+        if body.get("stream") is True:
+            return self.stream(body, request, moderator)
+        return await self.complete(body, request, moderator)
+
+    # -- pieces ------------------------------------------------------------------------------
+
+    def authorize(self, request: Request) -> Response | None:
+        """None if the caller may go on, else the 401 to send."""
+        if not self._client_keys:
+            return None
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        presented = token.strip().encode()
+        ok = False
+        for key in self._client_keys:  # no early exit: the time taken says nothing about which key
+            ok |= hmac.compare_digest(presented, key)
+        if ok and scheme.lower() == "bearer":
+            return None
+        return _json(401, error_object("Incorrect API key provided.", code="invalid_api_key"))
+
+    def forward(self, request: Request) -> dict[str, str | openai.Omit]:
+        """Headers to send upstream: the caller's credentials, unless the proxy holds the key."""
+        if self.config.upstream_api_key is not None:
+            return {}
+        headers: dict[str, str | openai.Omit] = {"Authorization": request.headers.get("authorization") or openai.omit}
+        for name in ("openai-organization", "openai-project"):
+            if value := request.headers.get(name):
+                headers[name] = value
+        return headers
+
+    async def read_json(self, request: Request) -> dict[str, Any] | Response:
+        """The body as a JSON object, or the 400/413 to send."""
+        from starlette.requests import ClientDisconnect
+
+        limit = self.config.max_body_bytes
+        too_large = _json(
+            413, error_object(f"Request body too large: the limit is {limit} bytes.", code="request_too_large")
+        )
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            return too_large
+        data = bytearray()
+        try:
+            async for part in request.stream():
+                data += part
+                if len(data) > limit:
+                    return too_large
+        except ClientDisconnect:
+            return _json(400, error_object("The client disconnected while sending the body."))
+        try:
+            body = json.loads(data)
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            message = "We could not parse the JSON body of your request: the API expects a JSON object."
+            return _json(400, error_object(message))
+        return body
+
+    def stream(self, body: dict[str, Any], request: Request, moderator: Moderator) -> Response:
+        from .starlette import GuardedSSEResponse
+
+        headers = self.forward(request)
+
+        async def open_stream() -> AsyncStream[ChatCompletionChunk]:
+            return await self.upstream.post(
+                "/chat/completions",
+                body=body,
+                cast_to=ChatCompletionChunk,
+                stream=True,
+                stream_cls=AsyncStream[ChatCompletionChunk],
+                options={"headers": headers},
+            )
+
+        options = body.get("stream_options")
+        wants_usage = isinstance(options, dict) and options.get("include_usage") is True
+        return GuardedSSEResponse(
+            open_stream,
+            moderator=moderator,
+            policy=dataclasses.replace(self.config.policy, include_usage=wants_usage),
+            model=_str(body.get("model")),
+            messages=_dicts(body.get("messages")),
+            tools=_dicts(body.get("tools")),
+            n=body["n"] if isinstance(body.get("n"), int) else None,
+            ping=self.config.ping,
+            secrets=self.secrets,
+            open_error=self.open_error,
+        )
+
+    async def complete(self, body: dict[str, Any], request: Request, moderator: Moderator) -> Response:
+        try:
+            response = await self.upstream.post(
+                "/chat/completions", body=body, cast_to=httpx2.Response, options={"headers": self.forward(request)}
+            )
+        except openai.APIError as exc:
+            return self.open_error(exc)
+        try:
+            answer = response.json()
+        except ValueError:
+            return _raw(response, self.secrets)
+        choices = answer.get("choices") if isinstance(answer, dict) else None
+        if not isinstance(choices, list):
+            return _raw(response, self.secrets)
+        try:
+            flagged = await self.judge(choices, moderator)
+        except ModerationError as exc:
+            logger.warning("moderation of a non-streamed answer failed: %s", type(exc).__name__)
+            return _json(*describe_error(exc))
+        if not flagged:
+            return _raw(response, self.secrets)
+        policy = self.config.policy
+        for choice in flagged:
+            message = choice.get("message")
+            if isinstance(message, dict):
+                message["content"] = policy.redaction if policy.action == "redact" else ""
+                if message.get("refusal") is not None:
+                    message["refusal"] = None
+            choice["finish_reason"] = "content_filter"
+            if "logprobs" in choice:
+                choice["logprobs"] = None  # they name the withheld tokens
+        return _json(response.status_code, answer, headers=_passed_headers(response))
+
+    async def judge(self, choices: list[Any], moderator: Moderator) -> list[dict[str, Any]]:
+        """The choices whose text the policy flags (fail-open errors flag nothing)."""
+        texts: list[tuple[dict[str, Any], str]] = []
+        for choice in choices:
+            message = choice.get("message") if isinstance(choice, dict) else None
+            if isinstance(message, dict):
+                text = "".join(t for t in (message.get("content"), message.get("refusal")) if isinstance(t, str))
+                if text:
+                    texts.append((choice, text))
+        if not texts:
+            return []
+        policy = self.config.policy
+        try:
+            with anyio.fail_after(policy.moderation_timeout):
+                verdicts: list[Verdict] = await moderator.moderate([t for _, t in texts])
+            if len(verdicts) != len(texts):
+                raise ModerationError(f"moderator returned {len(verdicts)} verdicts for {len(texts)} texts")
+        except Exception as exc:
+            if policy.on_error == "fail_open":
+                logger.warning("moderation failed, answer passed unmoderated (fail_open): %s", type(exc).__name__)
+                return []
+            if isinstance(exc, ModerationError):
+                raise
+            if isinstance(exc, TimeoutError):
+                raise ModerationTimeout(f"moderation took longer than {policy.moderation_timeout}s") from exc
+            raise ModerationError(f"moderator failed: {type(exc).__name__}") from exc
+        return [choice for (choice, _), verdict in zip(texts, verdicts, strict=True) if policy.judge(verdict)]
+
+    def open_error(self, exc: Exception) -> Response:
+        """The response for a request that failed before any answer came."""
+        if isinstance(exc, openai.APIStatusError):
+            return self.upstream_error(exc)
+        return _json(*describe_error(exc, self.secrets))
+
+    def upstream_error(self, exc: openai.APIStatusError) -> Response:
+        """An upstream HTTP error, passed on (unless it is about the proxy's own key)."""
+        if self.config.upstream_api_key is not None and exc.status_code in (401, 403):
+            logger.error("upstream refused the proxy's credentials (%d)", exc.status_code)
+            message = "The upstream server refused the proxy's credentials."
+            return _json(502, error_object(message, "server_error", code="upstream_auth_failed"))
+        return _raw(exc.response, self.secrets)
+
+
+def _json(status: int, body: Any, *, headers: Mapping[str, str] | None = None) -> Response:
+    from starlette.responses import JSONResponse
+
+    return JSONResponse(body, status_code=status, headers=dict(headers or {}))
+
+
+def _raw(response: httpx2.Response, secrets: Sequence[str]) -> Response:
+    """An upstream response, passed on as it came (scrubbed of secrets, if any)."""
+    from starlette.responses import Response
+
+    content = response.content
+    if secrets and any(s.encode() in content for s in secrets):
+        content = scrub(content.decode("utf-8", "replace"), secrets).encode()
+    media_type = response.headers.get("content-type", "application/json")
+    return Response(content, status_code=response.status_code, media_type=media_type, headers=_passed_headers(response))
+
+
+def _passed_headers(response: httpx2.Response) -> dict[str, str]:
+    headers = {name: response.headers[name] for name in _PASS_HEADERS if name in response.headers}
+    headers.update({k: v for k, v in response.headers.items() if k.lower().startswith("x-ratelimit-")})
+    return headers
+
+
+def _str(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _dicts(value: object) -> list[Mapping[str, Any]] | None:
+    if isinstance(value, list) and all(isinstance(v, dict) for v in value):
+        return cast(list[Mapping[str, Any]], value)
+    return None
+
+
+# -- the `streamguard serve` subcommand -------------------------------------------------------
+
+
+def add_serve_subcommand(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
+    """Add ``serve`` to the CLI's subparsers; :func:`run_serve` runs it.
+
+    Args:
+        subparsers: What ``ArgumentParser.add_subparsers()`` returned.
+
+    Returns:
+        The ``serve`` parser (its defaults include ``run=run_serve``, as the CLI dispatches).
+    """
+    parser = subparsers.add_parser(
+        "serve",
+        help="run an OpenAI-compatible moderating proxy",
+        description="Run an OpenAI-compatible proxy that moderates chat completions on their way through.",
+    )
+    parser.add_argument("--upstream", required=True, metavar="URL", help="upstream API base URL, e.g. .../v1")
+    parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
+    parser.add_argument("--moderator", choices=["openai", "local", "keyword"], default="openai")
+    parser.add_argument("--keywords", default="", metavar="A,B", help="comma-separated patterns (keyword moderator)")
+    parser.add_argument("--mode", choices=["holdback", "stream_first"], default="holdback")
+    parser.add_argument("--action", choices=["cutoff", "redact"], default="cutoff")
+    parser.add_argument(
+        "--client-key", action="append", default=[], dest="client_keys", metavar="K", help="a key callers must present"
+    )
+    parser.add_argument(
+        "--client-keys-env", metavar="NAME", help="environment variable with comma-separated client keys"
+    )
+    parser.add_argument(
+        "--upstream-key-env", metavar="NAME", help="environment variable holding the upstream key the proxy uses"
+    )
+    parser.add_argument("--moderation-base-url", metavar="URL", help="Moderation endpoint base URL (openai moderator)")
+    parser.add_argument("--cors-origin", action="append", default=[], dest="cors_origins", metavar="O")
+    parser.add_argument("--max-body-bytes", type=int, default=ProxyConfig.max_body_bytes)
+    parser.set_defaults(run=run_serve)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> ProxyConfig:
+    """A :class:`ProxyConfig` from parsed ``serve`` arguments.
+
+    Raises:
+        ConfigError: An option is invalid or a named environment variable is unset.
+    """
+
+    def env(name: str) -> str:
+        value = os.environ.get(name)
+        if not value:
+            raise ConfigError(f"environment variable {name} is not set")
+        return value
+
+    client_keys = set(args.client_keys)
+    if args.client_keys_env:
+        client_keys |= {k.strip() for k in env(args.client_keys_env).split(",") if k.strip()}
+    return ProxyConfig(
+        upstream=args.upstream,
+        moderator=args.moderator,
+        keywords=tuple(k.strip() for k in args.keywords.split(",") if k.strip()),
+        policy=Policy(mode=args.mode, action=args.action),
+        upstream_api_key=env(args.upstream_key_env) if args.upstream_key_env else None,
+        client_keys=frozenset(client_keys),
+        cors_origins=tuple(args.cors_origins),
+        moderation_base_url=args.moderation_base_url,
+        max_body_bytes=args.max_body_bytes,
+    )
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Run ``streamguard serve``; returns the exit status (2 for a usage or setup error)."""
+    missing = [m for m in ("starlette", "uvicorn") if importlib.util.find_spec(m) is None]
+    if missing:
+        sys.stderr.write(f"streamguard serve needs {', '.join(missing)}: pip install 'streamguard[server]'\n")
+        return 2
+    try:
+        config = config_from_args(args)
+        create_app(config)  # fail on bad configuration before binding the port
+    except ConfigError as exc:
+        sys.stderr.write(f"streamguard serve: {exc}\n")
+        return 2
+    serve(config, host=args.host, port=args.port)
+    return 0

@@ -1,0 +1,234 @@
+"""A Starlette/FastAPI response that streams a guarded chat completion as OpenAI's SSE.
+
+Needs the ``[server]`` extra; ``streamguard`` itself never imports this module.
+
+```python
+@app.post("/chat")
+async def chat(request: Request) -> GuardedSSEResponse:
+    body = await request.json()
+    return GuardedSSEResponse(
+        lambda: client.chat.completions.create(**body, stream=True), moderator=moderator, messages=body["messages"]
+    )
+```
+
+Invariant: the upstream request is made, and ``guard()`` entered, inside the response's ASGI
+``__call__``, in a task group that also watches ``receive()`` for ``http.disconnect``. When the
+client leaves, that task group is cancelled: the guarded stream closes upstream and cancels
+pending moderation at once, and its cleanup is shielded and time-limited (``Policy.close_timeout``),
+so it finishes even though we were cancelled. A generator handed to ``StreamingResponse`` would
+be closed without a chance to await its cleanup; this body loop is ours for that reason.
+
+Wire format, as OpenAI sends it: one ``data: {chunk}`` event per chunk (``to_json``, unset fields
+left out, provider-specific fields kept), the final usage chunk, ``data: [DONE]``; ``: ping``
+comments on gaps longer than ``ping`` seconds. If opening the upstream fails, the response is a
+JSON error with a status (the upstream's own for an HTTP error); if the stream fails once
+started, one ``data: {"error": {...}}`` event in OpenAI's error shape, and the body ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterable, Awaitable, Callable, Mapping, Sequence
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+from starlette.background import BackgroundTask
+from starlette.responses import JSONResponse, Response
+from starlette.types import Receive, Scope, Send
+
+from ..guard import GuardedStream, guard
+from ..moderation._base import Moderator
+from ..policy import Policy
+from ..report import GuardReport
+from ._sse import DONE, PING, chunk_event, describe_error, error_event
+
+__all__ = ["GuardedSSEResponse"]
+
+logger = logging.getLogger(__name__)
+
+OpenStream = Callable[[], Awaitable[AsyncIterable[Any]]]
+
+
+class GuardedSSEResponse(Response):
+    """Stream a guarded chat completion to the client in OpenAI's SSE format.
+
+    Args:
+        open_stream: Async callable that makes the upstream request and returns the stream
+            (e.g. ``lambda: client.chat.completions.create(..., stream=True)``). It is called
+            inside ``__call__``, so nothing is requested for a response that is never sent.
+        moderator: Judges windows of text.
+        policy: The guard's policy (default ``Policy()``).
+        model: The model asked for (for token counting).
+        messages: The request's messages (for prompt-token usage when upstream sends none).
+        tools: The request's tool definitions (likewise).
+        n: Number of choices asked for.
+        ping: Seconds of silence after which a ``: ping`` comment is sent; ``None`` for never.
+        headers: Extra response headers.
+        secrets: Strings that must never reach the client: replaced by ``***`` in error messages.
+        on_verdict: Passed to :func:`streamguard.guard`.
+        on_flag: Passed to :func:`streamguard.guard`.
+        open_error: Builds the response sent when ``open_stream`` raises; by default a JSON
+            error in OpenAI's shape, with the upstream's status for an HTTP error.
+        background: Run after the body has been sent (not when the client left).
+
+    After the response, :attr:`report` holds the stream's :class:`~streamguard.GuardReport` and
+    :attr:`disconnected` says whether the client left early.
+    """
+
+    media_type = "text/event-stream"
+
+    def __init__(
+        self,
+        open_stream: OpenStream,
+        *,
+        moderator: Moderator,
+        policy: Policy | None = None,
+        model: str | None = None,
+        messages: Sequence[Mapping[str, Any]] | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        n: int | None = None,
+        ping: float | None = 15.0,
+        headers: Mapping[str, str] | None = None,
+        secrets: Sequence[str] = (),
+        on_verdict: Callable[[Any], object] | None = None,
+        on_flag: Callable[[Any], object] | None = None,
+        open_error: Callable[[Exception], Response] | None = None,
+        background: BackgroundTask | None = None,
+    ) -> None:
+        if ping is not None and not ping > 0:
+            raise ValueError(f"ping must be a positive number of seconds or None, got {ping!r}")
+        self._open_stream = open_stream
+        self._moderator = moderator
+        self._policy = policy
+        self._model = model
+        self._messages = messages
+        self._tools = tools
+        self._n = n
+        self._ping = ping
+        self._secrets = tuple(secrets)
+        self._on_verdict = on_verdict
+        self._on_flag = on_flag
+        self._open_error = open_error
+        self._guarded: GuardedStream | None = None
+        self.disconnected = False
+        self._scope: anyio.CancelScope | None = None
+        self._sent = False  # the body's end is being sent: a disconnect now is the normal end
+        self.status_code = 200
+        self.background = background
+        # No-cache and no proxy buffering (nginx honours X-Accel-Buffering), as for any SSE.
+        self.init_headers({"cache-control": "no-cache", "x-accel-buffering": "no", **(headers or {})})
+
+    @property
+    def report(self) -> GuardReport | None:
+        """The guarded stream's report, once the upstream was opened."""
+        return self._guarded.report if self._guarded is not None else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        completed = False
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._watch_disconnect, receive)
+                self._scope = tg.cancel_scope
+                await self._respond(scope, receive, send)
+                completed = not self.disconnected
+                tg.cancel_scope.cancel("response ended")
+        except BaseExceptionGroup as group:  # collapse a lone error (starlette/_utils.py does the same)
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from group.exceptions[0].__cause__
+            raise
+        if completed and self.background is not None:
+            await self.background()
+
+    def _client_gone(self) -> None:
+        # ASGI spec 2.4 servers raise OSError from `send` instead: the same as a disconnect.
+        if self._sent:
+            return
+        self.disconnected = True
+        if self._scope is not None:
+            self._scope.cancel("client disconnected")
+
+    async def _watch_disconnect(self, receive: Receive) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                self._client_gone()
+                return
+
+    async def _respond(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            source = await self._open_stream()
+        except Exception as exc:
+            if self._open_error is not None:
+                response = self._open_error(exc)
+            else:
+                status, body = describe_error(exc, self._secrets)
+                response = JSONResponse(body, status_code=status)
+            logger.warning("opening the upstream stream failed: %s (%d)", type(exc).__name__, response.status_code)
+            self._sent = True  # a complete response: the disconnect after it is its normal end
+            try:
+                await response(scope, receive, send)
+            except OSError:
+                pass  # the client has gone; nothing is left to stop
+            return
+        # Entered right after the upstream is open (no checkpoint between): from here on the
+        # guarded stream owns the upstream and closes it, whatever happens.
+        async with guard(
+            source,
+            moderator=self._moderator,
+            policy=self._policy,
+            model=self._model,
+            messages=self._messages,
+            tools=self._tools,
+            n=self._n,
+            on_verdict=self._on_verdict,
+            on_flag=self._on_flag,
+        ) as guarded:
+            self._guarded = guarded
+            await self._stream(guarded, send)
+
+    async def _stream(self, guarded: GuardedStream, send: Send) -> None:
+        lock = anyio.Lock()  # the body writer and the pinger share `send`
+        last_sent = time.monotonic()
+
+        async def write(data: bytes, *, more: bool = True) -> None:
+            nonlocal last_sent
+            async with lock:
+                try:
+                    await send({"type": "http.response.body", "body": data, "more_body": more})
+                except OSError:
+                    self._client_gone()
+                    await anyio.lowlevel.checkpoint()  # raises the cancellation just requested
+                last_sent = time.monotonic()
+
+        async def pinger(every: float) -> None:
+            while True:
+                wait = last_sent + every - time.monotonic()
+                if wait > 0:
+                    await anyio.sleep(wait)
+                else:
+                    await write(PING)
+
+        try:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        except OSError:
+            self._client_gone()
+            await anyio.lowlevel.checkpoint()
+        async with anyio.create_task_group() as tg:
+            if self._ping is not None:
+                tg.start_soon(pinger, self._ping)
+            try:
+                async for chunk in guarded:
+                    await write(chunk_event(chunk))
+                await write(DONE)
+            except Exception as exc:
+                # Not a disconnect (that cancels us): upstream or moderation failed mid-stream.
+                _, body = describe_error(exc, self._secrets)
+                logger.warning("guarded stream failed: %s: %s", type(exc).__name__, body["error"]["message"])
+                await write(error_event(body))
+            tg.cancel_scope.cancel("body sent")
+        # Set first: the server may report the disconnect that ends every response while
+        # this last send is still in progress.
+        self._sent = True
+        await write(b"", more=False)
