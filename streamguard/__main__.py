@@ -1,0 +1,7 @@
+"""``python -m streamguard``: the ``streamguard`` command."""
+
+from __future__ import annotations
+
+from .cli import main
+
+raise SystemExit(main())
