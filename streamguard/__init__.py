@@ -13,6 +13,7 @@ from .exceptions import ConfigError, ModerationError, ModerationTimeout, StreamG
 from .guard import GuardedStream, guard
 from .moderation import (
     CompositeModerator,
+    EmbeddingModerator,
     KeywordModerator,
     LocalModerator,
     Moderator,
@@ -21,6 +22,7 @@ from .moderation import (
 )
 from .policy import Decision, Policy
 from .report import Flag, GuardReport, Span, VerdictEvent
+from .responses import GuardedResponseStream, guard_responses
 from .usage import UsageTracker, count_prompt_tokens, count_tokens
 
 __all__ = [
@@ -29,6 +31,7 @@ __all__ = [
     "count_prompt_tokens",
     "count_tokens",
     "Decision",
+    "EmbeddingModerator",
     "Flag",
     "guard",
     "GuardedStream",
@@ -42,6 +45,8 @@ __all__ = [
     "Policy",
     "Span",
     "StreamGuardError",
+    "guard_responses",
+    "GuardedResponseStream",
     "UsageTracker",
     "Verdict",
     "VerdictEvent",

@@ -57,6 +57,7 @@ class Reply:
 
 ChatHandler = Callable[[dict[str, Any]], "Script | Reply"]
 ModerationHandler = Callable[[dict[str, Any]], Reply]
+EmbeddingsHandler = Callable[[dict[str, Any]], Reply]
 
 
 @dataclass
@@ -78,13 +79,22 @@ class LoopbackUpstream:
             :class:`Reply`.
         moderation: Maps a ``/v1/moderations`` request body to a :class:`Reply`; by default
             :func:`keyword_moderation` with no words (nothing flagged).
+        embeddings: Maps a ``/v1/embeddings`` request body to a :class:`Reply`; by default a
+            404 error (no embeddings model).
 
     Use as a context manager; ``base_url`` is what ``AsyncOpenAI(base_url=...)`` takes.
     """
 
-    def __init__(self, *, chat: ChatHandler | None = None, moderation: ModerationHandler | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        chat: ChatHandler | None = None,
+        moderation: ModerationHandler | None = None,
+        embeddings: EmbeddingsHandler | None = None,
+    ) -> None:
         self.chat = chat or (lambda body: Script(text_chunks(["Hello", " world", "."])))
         self.moderation = moderation or keyword_moderation(())
+        self.embeddings = embeddings or _no_embeddings
         self._stats = _Stats()
         self._server: Any = None
         self._thread: threading.Thread | None = None
@@ -189,6 +199,9 @@ class LoopbackUpstream:
         async def moderations(request: Request) -> Response:
             return await reply(self.moderation(await body_of(request)))
 
+        async def embeddings(request: Request) -> Response:
+            return await reply(self.embeddings(await body_of(request)))
+
         async def models(request: Request) -> Response:
             return JSONResponse({"object": "list", "data": [{"id": "gpt-4o-mini", "object": "model"}]})
 
@@ -196,6 +209,7 @@ class LoopbackUpstream:
             routes=[
                 Route("/v1/chat/completions", chat, methods=["POST"]),
                 Route("/v1/moderations", moderations, methods=["POST"]),
+                Route("/v1/embeddings", embeddings, methods=["POST"]),
                 Route("/v1/models", models, methods=["GET"]),
             ]
         )
@@ -304,6 +318,12 @@ def keyword_moderation(words: Sequence[str], *, category: str = "violence") -> M
         return Reply({"id": "modr-loopback", "model": model, "results": results})
 
     return handler
+
+
+def _no_embeddings(body: dict[str, Any]) -> Reply:
+    """The default embeddings handler: no model, as a 404 error."""
+    message = f"The model {body.get('model')!r} does not exist (no embeddings handler set)"
+    return Reply({"error": {"message": message, "type": "invalid_request_error", "code": "model_not_found"}}, 404)
 
 
 @contextmanager
