@@ -25,6 +25,7 @@ import hashlib
 import importlib.util
 import os
 import tempfile
+import threading
 import types
 import zlib
 from collections.abc import Callable
@@ -37,7 +38,15 @@ import tiktoken_ext.openai_public  # type: ignore[import-untyped]  # no py.typed
 
 from .exceptions import ConfigError
 
-__all__ = ["ENCODING_NAMES", "EncodingSpec", "encoding_spec", "get_encoding", "load_encoding"]
+__all__ = [
+    "ENCODING_NAMES",
+    "EncodingSpec",
+    "clear_encodings",
+    "encoding_spec",
+    "get_encoding",
+    "load_encoding",
+    "peek_encoding",
+]
 
 #: The encodings streamguard can load offline.
 ENCODING_NAMES = ("o200k_base", "cl100k_base")
@@ -188,7 +197,27 @@ def load_encoding(
     )
 
 
-@functools.cache
+_LOADED: dict[str, tiktoken.Encoding] = {}
+# Held while building: a warm-up in a worker thread and the event loop never build one twice.
+_LOADING = threading.Lock()
+
+
 def get_encoding(name: str) -> tiktoken.Encoding:
-    """:func:`load_encoding` with the default locations, built once per name and process."""
-    return load_encoding(name)
+    """:func:`load_encoding` with the default locations, built once per name and process (thread-safe)."""
+    encoding = _LOADED.get(name)
+    if encoding is None:
+        with _LOADING:
+            encoding = _LOADED.get(name)
+            if encoding is None:
+                encoding = _LOADED[name] = load_encoding(name)
+    return encoding
+
+
+def peek_encoding(name: str) -> tiktoken.Encoding | None:
+    """The encoding if it is built already, else None; never blocks."""
+    return _LOADED.get(name)
+
+
+def clear_encodings() -> None:
+    """Forget the built encodings (tests)."""
+    _LOADED.clear()

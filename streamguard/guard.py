@@ -376,6 +376,8 @@ class _Engine:
                     reader = anyio.CancelScope()
                     self._reader_scope = reader
                     tg.start_soon(self._read, iterator, reader)
+                    if not self._usage.ready:
+                        tg.start_soon(self._warm_up_usage)
                     if self.policy.moderate_input and self._messages:
                         self._start_input_moderation()
                     try:
@@ -394,6 +396,13 @@ class _Engine:
                 await self._close_upstream(iterator)
             if self._finished is not None:
                 self._finished.set()
+
+    async def _warm_up_usage(self) -> None:
+        """Build the tokenizer in a worker thread (a first use takes ~0.3 s): never on the loop."""
+        try:
+            await anyio.to_thread.run_sync(self._usage.warm_up, abandon_on_cancel=True)
+        except Exception:  # it is built (and any error raised) again where it is needed
+            logger.debug("tokenizer warm-up failed", exc_info=True)
 
     async def _close_upstream(self, iterator: Any) -> None:
         if self._upstream_closed:

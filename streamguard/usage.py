@@ -40,7 +40,7 @@ import tiktoken
 from openai.types import CompletionUsage
 from openai.types.chat import ChatCompletionChunk
 
-from ._encodings import encoding_spec, get_encoding
+from ._encodings import encoding_spec, get_encoding, peek_encoding
 
 __all__ = [
     "DEFAULT_ENCODING",
@@ -237,6 +237,9 @@ def _splitter(encoding_name: str) -> Callable[[str], list[str]]:
     return findall
 
 
+# Deltas kept uncounted while the encoding loads; past this, counting waits for it.
+_EARLY_DELTAS = 4096
+
 # Text is pre-tokenized and encoded in batches of at least this many characters.
 _BATCH_CHARS = 256
 
@@ -327,12 +330,16 @@ class _ChoiceCounters:
     the shown text, which is read once at the end: a delta then costs one list append.
     """
 
-    __slots__ = ("_counters", "_encoding", "_lazy")
+    __slots__ = ("_counters", "_early", "_encoding", "_lazy", "_model")
 
     def __init__(self, *, lazy: bool = False) -> None:
         self._counters: dict[_Key, _IncrementalCounter | _LazyCounter] = {}
         self._encoding: tiktoken.Encoding | None = None
         self._lazy = lazy
+        # Text seen before the encoding was built (it loads in a worker thread, see
+        # UsageTracker.warm_up): kept, not waited for, so the first deltas never block the loop.
+        self._early: list[tuple[_Key, str]] = []
+        self._model: str | None = None
 
     def feed(self, chunk: ChatCompletionChunk, model: str | None) -> None:
         for choice in chunk.choices:
@@ -355,16 +362,32 @@ class _ChoiceCounters:
     def _feed(self, key: _Key, text: str | None, model: str | None) -> None:
         if not text:
             return
+        encoding = self._encoding
+        if encoding is None:
+            encoding = peek_encoding(encoding_name_for_model(model))
+            if encoding is None and len(self._early) < _EARLY_DELTAS:
+                self._early.append((key, text))
+                self._model = model
+                return
+            self._resolve(model)
         counter = self._counters.get(key)
         if counter is None:
-            if self._encoding is None:
-                self._encoding = encoding_for_model(model)
+            assert self._encoding is not None
             kind = _LazyCounter if self._lazy else _IncrementalCounter
             counter = self._counters[key] = kind(self._encoding)
         counter.feed(text)
 
+    def _resolve(self, model: str | None) -> None:
+        """Build (or wait for) the encoding, then count the text kept while it loaded."""
+        self._encoding = encoding_for_model(model)
+        early, self._early = self._early, []
+        for key, text in early:
+            self._feed(key, text, model)
+
     @property
     def tokens(self) -> int:
+        if self._early:
+            self._resolve(self._model)
         return sum(counter.tokens for counter in self._counters.values())
 
 
@@ -413,6 +436,15 @@ class UsageTracker:
     def model(self) -> str | None:
         """The model whose encoding is used: see ``model`` in :meth:`__init__`."""
         return self._model
+
+    @property
+    def ready(self) -> bool:
+        """Whether the encoding for the request's model is built already."""
+        return peek_encoding(encoding_name_for_model(self._model)) is not None
+
+    def warm_up(self) -> None:
+        """Build the encoding now (blocking; meant for a worker thread) so counting never waits."""
+        encoding_for_model(self._model)
 
     def observe(self, chunk: ChatCompletionChunk) -> None:
         """Account one upstream chunk: generated text of every choice, and its ``usage``.

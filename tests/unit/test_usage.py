@@ -535,9 +535,9 @@ def test_chunk_without_delta_is_ignored() -> None:
 @pytest.fixture
 def fresh_caches() -> Iterator[None]:
     """Empty the per-process encoding caches before and after the test."""
-    _encodings.get_encoding.cache_clear()
+    _encodings.clear_encodings()
     yield
-    _encodings.get_encoding.cache_clear()
+    _encodings.clear_encodings()
 
 
 @pytest.fixture
