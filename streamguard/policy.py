@@ -76,7 +76,7 @@ class Policy:
     action: Action = "cutoff"
     redaction: str = "[redacted]"
     window_chars: int = 240
-    first_window_chars: int = 16
+    first_window_chars: int = 8
     window_growth: float = 2.0
     overlap_chars: int = 64
     flush_after: float = 0.1

@@ -7,8 +7,9 @@ contiguous and in order: window ``k + 1`` starts where window ``k`` ends.
 
 Cuts fall just before whitespace (where OpenAI's tokens start), so windows rarely split a chunk
 and never split a word while a boundary is in reach; text with no whitespace (e.g. Chinese) is
-cut at the target size, never inside a combining sequence. The first window is small and later
-ones grow, so the first text can be released after one quick moderation round trip.
+cut at the target size, never inside a combining sequence. The first window is small, ends with
+the delta that fills it (no wait for the next word), and later ones grow, so the first text can be
+released after one moderation round trip.
 """
 
 from __future__ import annotations
@@ -110,6 +111,10 @@ class WindowBuffer:
         start, total = self._start, self.total
         if total - start < target:
             return None
+        if self._seq == 0 and total - start <= self._max:
+            # The first window decides time-to-first-token: send it with the delta that fills it
+            # (a token boundary), not a word later. Later windows overlap it as context.
+            return total
         buf, base = self._buf, self._base
         hi = start + target
         # Latest boundary at or before the target ...

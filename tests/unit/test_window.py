@@ -34,12 +34,21 @@ def test_cuts_fall_before_whitespace(deltas: list[str], expected_new: list[str])
     assert [w.new_text for w in windows] == expected_new
 
 
+def test_first_window_goes_with_the_delta_that_fills_it() -> None:
+    """The first window does not wait for the next word: time-to-first-token is one round trip."""
+    buf = buffer(window=20, first=4, overlap=0)
+    assert buf.feed("He") == []
+    assert [w.new_text for w in buf.feed("llo")] == ["Hello"]
+    assert buf.feed(" wor") == []  # later windows end before whitespace, so they wait for the word
+
+
 def test_window_waits_for_the_word_to_end() -> None:
     """A partial word is not cut while its end may still arrive."""
-    buf = buffer(window=20, first=8, overlap=0)
-    assert buf.feed("Extraordinar") == []  # no boundary yet, within reach of MAX_WORD_CHARS
+    buf = buffer(window=20, first=2, overlap=0)
+    assert [w.new_text for w in buf.feed("Hi")] == ["Hi"]  # the first window goes at once
+    assert buf.feed(" Extraordinar") == []  # no boundary yet, within reach of MAX_WORD_CHARS
     windows = buf.feed("ily long words")
-    assert windows and windows[0].new_text == "Extraordinarily"
+    assert windows and windows[0].new_text == " Extraordinarily"
 
 
 def test_text_without_spaces_is_cut_hard_at_target() -> None:
