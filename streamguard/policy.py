@@ -76,8 +76,8 @@ class Policy:
     action: Action = "cutoff"
     redaction: str = "[redacted]"
     window_chars: int = 240
-    first_window_chars: int = 8
-    window_growth: float = 2.0
+    first_window_chars: int = 1
+    window_growth: float = 4.0
     overlap_chars: int = 64
     flush_after: float = 0.1
     max_in_flight: int = 4
