@@ -214,17 +214,19 @@ class GuardedStream:
         await self._engine.wait_finished(self._engine.policy.close_timeout)
 
     def _start_bare(self) -> None:
-        if anyio.get_current_task() is None or _backend() != "asyncio":
+        import asyncio
+
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
             raise RuntimeError(
                 "iterating a guarded stream without `async with` needs asyncio; "
                 "on trio write `async with guard(...) as guarded:`"
-            )
-        import asyncio
-
+            ) from None
         holder: list[Any] = []
 
         def spawn(fn: Callable[..., Any], *args: Any) -> None:
-            holder.append(asyncio.get_running_loop().create_task(fn(*args), name="streamguard-pump"))
+            holder.append(loop.create_task(fn(*args), name="streamguard-pump"))
 
         self._receive = self._engine.start(spawn)
         self._task = holder[0]
@@ -240,12 +242,6 @@ class GuardedStream:
                 task.cancel()
             except RuntimeError:  # the loop is gone already
                 pass
-
-
-def _backend() -> str:
-    import sniffio
-
-    return sniffio.current_async_library()
 
 
 @dataclass
