@@ -38,7 +38,7 @@ Usage::
         [--api-key KEY] [--examples FILE] [--data FILE] [--out FILE.json]
 
 ``--offline`` serves the tests' deterministic hashed bag-of-words embeddings
-(``tests/integration/_embeddings.py``) from an in-process loopback server: it exercises the
+(``streamguard._upstream.hashed_embeddings``) from an in-process loopback server: it exercises the
 whole path with no network, but its numbers say nothing about a real embedding model.
 """
 
@@ -48,7 +48,6 @@ import argparse
 import contextlib
 import json
 import os
-import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,7 +58,6 @@ import openai
 
 from streamguard.moderation import EmbeddingModerator
 
-ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = Path(__file__).resolve().parent / "data" / "topics.jsonl"
 THRESHOLDS = [round(0.50 + 0.05 * i, 2) for i in range(10)]  # 0.50 .. 0.95
 
@@ -207,9 +205,7 @@ def markdown(report: Mapping[str, Any]) -> str:
 @contextlib.contextmanager
 def _offline_server() -> Iterator[str]:
     """The tests' hashed embeddings from an in-process loopback server; yields its base URL."""
-    sys.path.insert(0, str(ROOT))  # tests/ is not installed: import it from the checkout
-    from streamguard._upstream import LoopbackUpstream
-    from tests.integration._embeddings import hashed_embeddings
+    from streamguard._upstream import LoopbackUpstream, hashed_embeddings
 
     with LoopbackUpstream(embeddings=hashed_embeddings) as upstream:
         yield upstream.base_url

@@ -11,7 +11,7 @@ Invariants:
   lock, and only a successful embedding is cached (a failure is retried by the next call).
 - Windows of concurrent streams are coalesced into array-input requests by the same
   :class:`~streamguard.moderation._batcher.Batcher` as :class:`OpenAIModerator`, and paced and
-  retried with its helpers (``x-ratelimit-*`` headers, jittered backoff, ``Retry-After``).
+  retried by the same ``_Retrier`` (``x-ratelimit-*`` headers, jittered backoff, ``Retry-After``).
 - Results are mapped back by each embedding's ``index``, never by position.
 - Empty (or whitespace-only) texts are never sent (the endpoint rejects them): they score 0.
 - Scores are cosine similarities clamped to [0, 1], as :class:`Verdict` scores are.
@@ -22,11 +22,8 @@ numpy is used for the similarity matrix when it is installed; otherwise pure Pyt
 
 from __future__ import annotations
 
-import logging
 import math
 import operator
-import random
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -37,18 +34,9 @@ import openai
 from ..exceptions import ConfigError, ModerationError
 from ._base import Verdict
 from ._batcher import Batcher
-from .openai import (
-    _MAX_BACKOFF,
-    _RETRY_STATUS,
-    ModerationStats,
-    _estimate_tokens,
-    _RateLimits,
-    _retry_after,
-)
+from .openai import ModerationStats, _estimate_tokens, _Retrier
 
 __all__ = ["EmbeddingModerator"]
-
-logger = logging.getLogger(__name__)
 
 DEFAULT_THRESHOLD = 0.8
 
@@ -133,19 +121,23 @@ class EmbeddingModerator:
         self.categories: Mapping[str, Sequence[str]] = {k: tuple(v) for k, v in examples.items()}
         self.model = model
         self.max_batch = max_batch
-        self.max_retries = max_retries
-        self._backoff = backoff
+        self._retrier = _Retrier(max_retries=max_retries, backoff=backoff)
         self._batcher: Batcher[str, Verdict] = Batcher(self._send, max_batch=max_batch, max_wait=max_wait)
-        self._limits = _RateLimits()
         self._examples: _Examples | None = None
         self._examples_lock: anyio.Lock | None = None
         self._calls = 0
         self._texts = 0
         self._chars = 0
-        self._requests = 0
         self._batches = 0
-        self._retries = 0
-        self._paced = 0.0
+
+    @property
+    def max_retries(self) -> int:
+        """Retries of a failed request."""
+        return self._retrier.max_retries
+
+    @max_retries.setter
+    def max_retries(self, value: int) -> None:
+        self._retrier.max_retries = value
 
     @property
     def stats(self) -> ModerationStats:
@@ -154,10 +146,10 @@ class EmbeddingModerator:
             calls=self._calls,
             texts=self._texts,
             moderated_chars=self._chars,
-            requests=self._requests,
+            requests=self._retrier.requests,
             batches=self._batches,
-            retries=self._retries,
-            paced_seconds=self._paced,
+            retries=self._retrier.retries,
+            paced_seconds=self._retrier.paced,
         )
 
     async def moderate(self, texts: Sequence[str]) -> list[Verdict]:
@@ -228,48 +220,15 @@ class EmbeddingModerator:
 
     async def _embed(self, texts: list[str]) -> list[Vector]:
         """Embed ``texts`` in one request, paced and retried; L2-normalised, in input order."""
-        tokens = _estimate_tokens(texts)
-        attempt = 0
-        while True:
-            await self._pace(tokens)
-            self._requests += 1
-            try:
-                raw = await self._client.embeddings.with_raw_response.create(input=texts, model=self.model)
-            except openai.APIStatusError as exc:
-                self._limits.update(exc.response.headers)
-                retryable = exc.status_code in _RETRY_STATUS or exc.status_code >= 500
-                delay = _retry_after(exc.response.headers)
-                if not retryable or attempt >= self.max_retries:
-                    raise ModerationError(
-                        f"embeddings request failed with HTTP {exc.status_code}"
-                        + (f" after {attempt} retries" if attempt else "")
-                    ) from exc
-            except openai.APIConnectionError as exc:  # includes APITimeoutError
-                delay = None
-                if attempt >= self.max_retries:
-                    kind = "timed out" if isinstance(exc, openai.APITimeoutError) else "could not connect"
-                    raise ModerationError(
-                        f"embeddings request {kind}" + (f" after {attempt} retries" if attempt else "")
-                    ) from exc
-            else:
-                self._limits.update(raw.headers)
-                try:
-                    return _in_order(raw.parse().data, len(texts))
-                except (AttributeError, TypeError, ValueError) as exc:
-                    raise ModerationError(f"malformed embeddings response: {exc}") from exc
-            if delay is None:
-                delay = min(_MAX_BACKOFF, self._backoff * 2**attempt) * random.uniform(0.5, 1.0)
-            attempt += 1
-            self._retries += 1
-            logger.debug("embeddings request failed; retry %d in %.3fs", attempt, delay)
-            await anyio.sleep(delay)
-
-    async def _pace(self, tokens: int) -> None:
-        """Wait until the rate-limit budget allows a request of ``tokens`` estimated tokens."""
-        while (wait := self._limits.reserve(tokens, time.monotonic())) > 0:
-            logger.debug("rate limit used up: waiting %.3fs for the reset", wait)
-            self._paced += wait
-            await anyio.sleep(wait)
+        raw = await self._retrier.call(
+            lambda: self._client.embeddings.with_raw_response.create(input=texts, model=self.model),
+            tokens=_estimate_tokens(texts),
+            what="embeddings",
+        )
+        try:
+            return _in_order(raw.parse().data, len(texts))
+        except (AttributeError, TypeError, ValueError) as exc:
+            raise ModerationError(f"malformed embeddings response: {exc}") from exc
 
 
 def _thresholds(threshold: float | Mapping[str, float], categories: Mapping[str, object]) -> dict[str, float]:

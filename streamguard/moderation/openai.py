@@ -11,6 +11,9 @@ provoking a 429. Tokens are estimated cheaply (characters / 4); the estimate onl
 Retries: the client's own retries are turned off (``with_options(max_retries=0)``) so the
 policy is in one place: 408/409/429/5xx, connection errors and timeouts are retried with
 jittered exponential backoff, honouring ``retry-after-ms`` / ``retry-after``.
+
+Pacing and retries live in ``_Retrier``, which
+:class:`~streamguard.moderation.EmbeddingModerator` uses as well.
 """
 
 from __future__ import annotations
@@ -21,9 +24,9 @@ import math
 import random
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import anyio
 import openai
@@ -33,6 +36,7 @@ from ._base import Verdict
 from ._batcher import Batcher
 
 if TYPE_CHECKING:
+    from openai._legacy_response import LegacyAPIResponse
     from openai.types import Moderation
 
 __all__ = ["ModerationStats", "OpenAIModerator"]
@@ -43,6 +47,8 @@ _RETRY_STATUS = frozenset({408, 409, 429})
 _MAX_BACKOFF = 8.0
 # A Retry-After longer than this is not honoured as is (the backoff cap applies instead).
 _MAX_RETRY_AFTER = 60.0
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -106,17 +112,21 @@ class OpenAIModerator:
             raise ConfigError(f"backoff must be a non-negative number of seconds, got {backoff!r}")
         self._client = client.with_options(max_retries=0, timeout=timeout)
         self.model = model
-        self.max_retries = max_retries
-        self._backoff = backoff
+        self._retrier = _Retrier(max_retries=max_retries, backoff=backoff)
         self._batcher: Batcher[str, Verdict] = Batcher(self._send, max_batch=max_batch, max_wait=max_wait)
-        self._limits = _RateLimits()
         self._calls = 0
         self._texts = 0
         self._chars = 0
-        self._requests = 0
         self._batches = 0
-        self._retries = 0
-        self._paced = 0.0
+
+    @property
+    def max_retries(self) -> int:
+        """Retries of a failed request."""
+        return self._retrier.max_retries
+
+    @max_retries.setter
+    def max_retries(self, value: int) -> None:
+        self._retrier.max_retries = value
 
     @property
     def stats(self) -> ModerationStats:
@@ -125,10 +135,10 @@ class OpenAIModerator:
             calls=self._calls,
             texts=self._texts,
             moderated_chars=self._chars,
-            requests=self._requests,
+            requests=self._retrier.requests,
             batches=self._batches,
-            retries=self._retries,
-            paced_seconds=self._paced,
+            retries=self._retrier.retries,
+            paced_seconds=self._retrier.paced,
         )
 
     async def moderate(self, texts: Sequence[str]) -> list[Verdict]:
@@ -150,20 +160,55 @@ class OpenAIModerator:
     async def _send(self, texts: list[str]) -> list[Verdict]:
         """One batched call, paced and retried; the batcher fans the verdicts out."""
         self._batches += 1
-        tokens = _estimate_tokens(texts)
+        raw = await self._retrier.call(
+            lambda: self._client.moderations.with_raw_response.create(input=texts, model=self.model),
+            tokens=_estimate_tokens(texts),
+            what="moderation",
+        )
+        try:
+            results = list(raw.parse().results)
+            verdicts = [_verdict(r) for r in results]
+        except (AttributeError, TypeError, ValueError) as exc:
+            raise ModerationError(f"malformed moderation response: {exc}") from exc
+        if len(verdicts) != len(texts):
+            raise ModerationError(f"moderation endpoint returned {len(verdicts)} results for {len(texts)} inputs")
+        self._texts += len(texts)
+        self._chars += sum(map(len, texts))
+        return verdicts
+
+
+class _Retrier:
+    """One moderator's requests: paced by ``x-ratelimit-*`` headers, retried with jittered backoff."""
+
+    def __init__(self, *, max_retries: int, backoff: float) -> None:
+        self.limits = _RateLimits()
+        self.max_retries = max_retries
+        self.backoff = backoff
+        self.requests = 0  # HTTP requests sent, retries included
+        self.retries = 0
+        self.paced = 0.0  # seconds spent waiting for a rate-limit reset
+
+    async def call(
+        self, send: Callable[[], Awaitable[LegacyAPIResponse[_T]]], *, tokens: int, what: str
+    ) -> LegacyAPIResponse[_T]:
+        """Send until a response succeeds; ``what`` names the request in errors and logs.
+
+        Raises:
+            ModerationError: A non-retryable status, or the last retry failed.
+        """
         attempt = 0
         while True:
             await self._pace(tokens)
-            self._requests += 1
+            self.requests += 1
             try:
-                raw = await self._client.moderations.with_raw_response.create(input=texts, model=self.model)
+                raw = await send()
             except openai.APIStatusError as exc:
-                self._limits.update(exc.response.headers)
+                self.limits.update(exc.response.headers)
                 retryable = exc.status_code in _RETRY_STATUS or exc.status_code >= 500
                 delay = _retry_after(exc.response.headers)
                 if not retryable or attempt >= self.max_retries:
                     raise ModerationError(
-                        f"moderation request failed with HTTP {exc.status_code}"
+                        f"{what} request failed with HTTP {exc.status_code}"
                         + (f" after {attempt} retries" if attempt else "")
                     ) from exc
             except openai.APIConnectionError as exc:  # includes APITimeoutError
@@ -171,36 +216,24 @@ class OpenAIModerator:
                 if attempt >= self.max_retries:
                     kind = "timed out" if isinstance(exc, openai.APITimeoutError) else "could not connect"
                     raise ModerationError(
-                        f"moderation request {kind}" + (f" after {attempt} retries" if attempt else "")
+                        f"{what} request {kind}" + (f" after {attempt} retries" if attempt else "")
                     ) from exc
             else:
-                self._limits.update(raw.headers)
-                try:
-                    results = list(raw.parse().results)
-                    verdicts = [_verdict(r) for r in results]
-                except (AttributeError, TypeError, ValueError) as exc:
-                    raise ModerationError(f"malformed moderation response: {exc}") from exc
-                if len(verdicts) != len(texts):
-                    raise ModerationError(
-                        f"moderation endpoint returned {len(verdicts)} results for {len(texts)} inputs"
-                    )
-                self._texts += len(texts)
-                self._chars += sum(map(len, texts))
-                return verdicts
+                self.limits.update(raw.headers)
+                return raw
             if delay is None:
-                delay = self._backoff * 2**attempt
-                delay = min(_MAX_BACKOFF, delay) * random.uniform(0.5, 1.0)
+                delay = min(_MAX_BACKOFF, self.backoff * 2**attempt) * random.uniform(0.5, 1.0)
             attempt += 1
-            self._retries += 1
-            logger.debug("moderation request failed; retry %d in %.3fs", attempt, delay)
+            self.retries += 1
+            logger.debug("%s request failed; retry %d in %.3fs", what, attempt, delay)
             await anyio.sleep(delay)
 
     async def _pace(self, tokens: int) -> None:
         """Wait until the rate-limit budget allows a request of ``tokens`` estimated tokens."""
         # A loop: while we slept, another batch's response may have announced a new reset.
-        while (wait := self._limits.reserve(tokens, time.monotonic())) > 0:
+        while (wait := self.limits.reserve(tokens, time.monotonic())) > 0:
             logger.debug("rate limit used up: waiting %.3fs for the reset", wait)
-            self._paced += wait
+            self.paced += wait
             await anyio.sleep(wait)
 
 

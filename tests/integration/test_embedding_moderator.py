@@ -11,11 +11,10 @@ import openai
 import pytest
 
 import streamguard as sg
-from streamguard._upstream import LoopbackUpstream, Reply, Script, text_chunks
+from streamguard._upstream import LoopbackUpstream, Reply, Script, hashed_embeddings, hashed_vector, text_chunks
 from streamguard.exceptions import ConfigError, ModerationError
 from streamguard.moderation import CompositeModerator, EmbeddingModerator, KeywordModerator, Verdict
 from streamguard.moderation.embedding import _as_matrix, _Examples, _normalised, _similarities
-from tests.integration._embeddings import hashed_embeddings, hashed_vector, inputs
 
 PATH = "/v1/embeddings"
 COMPETITORS = [
@@ -37,6 +36,12 @@ def expected_score(text: str, examples: Sequence[str]) -> float:
     """The score the moderator should report: the best cosine to the examples, clamped to [0, 1]."""
     q = hashed_vector(text)
     return max(0.0, min(1.0, max(sum(a * b for a, b in zip(q, hashed_vector(e), strict=True)) for e in examples)))
+
+
+def inputs(body: dict[str, Any]) -> list[str]:
+    """The input texts of an embeddings request body."""
+    value = body.get("input", [])
+    return [value] if isinstance(value, str) else [str(v) for v in value]
 
 
 def sent_texts(upstream: LoopbackUpstream) -> list[str]:
