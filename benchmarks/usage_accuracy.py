@@ -22,10 +22,14 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import anyio
+from openai import AsyncOpenAI
 from openai._models import construct_type
 from openai.types.chat import ChatCompletionChunk
 from pydantic import ValidationError
 
+from streamguard import KeywordModerator, guard
+from streamguard._upstream import LoopbackUpstream, Script
 from streamguard.usage import UsageTracker, encoding_for_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -137,6 +141,51 @@ def replay_file(path: Path | str) -> dict[str, Any]:
     return result
 
 
+def _body_without_usage(path: Path) -> bytes:
+    """The recording's SSE body with every ``usage`` removed (the guard must synthesize it)."""
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.startswith("data: ") and line != "data: [DONE]":
+            event = json.loads(line[len("data: ") :])
+            if event.get("usage"):
+                if not event.get("choices") and not event.get("moderation"):
+                    continue  # the include_usage chunk itself
+                event["usage"] = None
+            line = "data: " + json.dumps(event, separators=(",", ":"))
+        out.append(line)
+    return ("\n".join(out) + "\n").encode()
+
+
+async def _guarded_usage(base_url: str, request: dict[str, Any] | None) -> dict[str, int]:
+    async with AsyncOpenAI(api_key="offline", base_url=base_url, max_retries=0) as client:
+        messages = request["messages"] if request else []
+        stream = await client.chat.completions.create(model="gpt-4o", messages=messages, stream=True)
+        async with guard(
+            stream,
+            moderator=KeywordModerator(["never-flagged-in-a-recording"]),
+            model=request.get("model") if request else None,
+            messages=request["messages"] if request else None,
+            tools=request.get("tools") if request else None,
+        ) as guarded:
+            async for _ in guarded:
+                pass
+    usage = guarded.report.usage
+    assert usage is not None and guarded.report.usage_source == "estimated"
+    return {"prompt": usage.prompt_tokens, "completion": usage.completion_tokens}
+
+
+def replay_through_guard(path: Path | str) -> dict[str, int]:
+    """Serve the recording (usage removed) from a loopback server, through the real client and the guard.
+
+    Returns:
+        The synthesized ``prompt`` and ``completion`` tokens from the guarded stream's report.
+    """
+    path = Path(path)
+    body = _body_without_usage(path)
+    with LoopbackUpstream(chat=lambda request: Script(raw=body)) as upstream:
+        return anyio.run(_guarded_usage, upstream.base_url, load_request(path))
+
+
 def _median_us(fn: Callable[[], object], runs: int) -> float:
     """Median wall time of ``fn`` in microseconds."""
     samples = []
@@ -228,6 +277,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"no cc_*.sse recordings in {args.data}", file=sys.stderr)
         return 1
     results = [replay_file(f) for f in files]
+    for path, result in zip(files, results, strict=True):
+        # The same recording through the real client and the guarded stream, from a loopback server:
+        # the report's synthesized usage must be what the tracker estimated.
+        guarded = replay_through_guard(path)
+        result["guarded_completion"] = guarded["completion"]
+        if result["estimated_completion"] != guarded["completion"]:
+            print(f"{path.name}: guarded stream estimated {guarded}, tracker {result}", file=sys.stderr)
+            return 1
+    print("Each recording served with its usage removed from a loopback server through the real openai")
+    print("client and the guarded stream; the report's synthesized usage equals the estimate below.\n")
     for line in _table(results):
         print(line)
     compared = [r for r in results if r["match"] is not None]
