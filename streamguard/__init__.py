@@ -9,7 +9,8 @@ async with streamguard.guard(stream, moderator=streamguard.OpenAIModerator(clien
 
 from __future__ import annotations
 
-from .exceptions import ConfigError, ModerationError, ModerationTimeout, StreamGuardError
+from ._sync import SyncGuardedStream, guard_sync
+from .exceptions import ConfigError, ModerationError, ModerationTimeout, StreamFormatError, StreamGuardError
 from .guard import GuardedStream, guard
 from .moderation import (
     CompositeModerator,
@@ -23,7 +24,9 @@ from .moderation import (
 from .policy import Decision, Policy
 from .report import Flag, GuardReport, Span, VerdictEvent
 from .responses import GuardedResponseStream, guard_responses
+from .sse import GuardedSSE, guard_sse
 from .usage import UsageTracker, count_prompt_tokens, count_tokens
+from .wrap import wrap
 
 __all__ = [
     "CompositeModerator",
@@ -35,7 +38,10 @@ __all__ = [
     "Flag",
     "guard",
     "guard_responses",
+    "guard_sse",
+    "guard_sync",
     "GuardedResponseStream",
+    "GuardedSSE",
     "GuardedStream",
     "GuardReport",
     "KeywordModerator",
@@ -46,8 +52,11 @@ __all__ = [
     "OpenAIModerator",
     "Policy",
     "Span",
+    "StreamFormatError",
     "StreamGuardError",
+    "SyncGuardedStream",
     "UsageTracker",
     "Verdict",
     "VerdictEvent",
+    "wrap",
 ]

@@ -3,6 +3,7 @@
 ```
 StreamGuardError(Exception)
 ├── ConfigError(StreamGuardError, ValueError)      bad options, missing data files
+├── StreamFormatError(StreamGuardError, ValueError) malformed raw SSE (``guard_sse``)
 └── ModerationError(StreamGuardError)              fail_closed mode; raised from the cause
     └── ModerationTimeout(ModerationError, TimeoutError)
 ```
@@ -14,7 +15,7 @@ failures propagate unchanged as the ``openai`` client's own exceptions (``APICon
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "ModerationError", "ModerationTimeout", "StreamGuardError"]
+__all__ = ["ConfigError", "ModerationError", "ModerationTimeout", "StreamFormatError", "StreamGuardError"]
 
 
 class StreamGuardError(Exception):
@@ -23,6 +24,11 @@ class StreamGuardError(Exception):
 
 class ConfigError(StreamGuardError, ValueError):
     """An option, argument or data file is invalid; the message names the fix."""
+
+
+class StreamFormatError(StreamGuardError, ValueError):
+    """A raw SSE body is not a chat-completions stream: invalid UTF-8 or JSON, a payload that is not
+    a JSON object, or an ``{"error": ...}`` event (its message is included)."""
 
 
 class ModerationError(StreamGuardError):
