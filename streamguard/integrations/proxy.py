@@ -1,5 +1,10 @@
 """An OpenAI-compatible moderating proxy: ``POST /v1/chat/completions``, ``GET /v1/models``, ``/healthz``.
 
+Also ``GET /metrics`` (Prometheus text format, see :mod:`._metrics`; like ``/healthz`` it needs
+no client key) and ``GET /``, the playground: one self-contained page (no external resources,
+locked down by its Content-Security-Policy) that sends a prompt to this proxy and shows the
+guarded stream arrive, redactions and cut-offs marked, with a timeline of the moderated windows.
+
 Needs the ``[server]`` extra. Starlette and uvicorn are imported inside :func:`create_app` and
 :func:`serve` only, so the CLI can register ``streamguard serve`` without the extra installed.
 
@@ -23,6 +28,10 @@ one of ``ProxyConfig.client_keys`` (compared in constant time). The upstream key
 logged and never sent to a caller: an upstream 401/403 becomes a 502 that does not echo the
 upstream's message, and every error text is scrubbed of the key. The upstream URL comes from
 configuration only, never from a request.
+
+Debugging: a streaming request with the header ``x-streamguard-debug: 1`` also gets the policy
+and each window's verdict (offsets, latency, category; never text) as SSE comments, which SSE
+clients skip (see :mod:`streamguard.integrations.starlette`). The playground sends it.
 """
 
 from __future__ import annotations
@@ -31,11 +40,13 @@ import argparse
 import contextlib
 import dataclasses
 import hmac
+import importlib.resources
 import importlib.util
 import json
 import logging
 import os
 import sys
+import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, cast
@@ -57,6 +68,9 @@ if TYPE_CHECKING:
     from starlette.requests import Request
     from starlette.responses import Response
 
+    from ._metrics import ProxyMetrics
+    from .starlette import GuardedSSEResponse
+
 __all__ = ["ProxyConfig", "add_serve_subcommand", "create_app", "run_serve", "serve"]
 
 logger = logging.getLogger(__name__)
@@ -64,6 +78,12 @@ logger = logging.getLogger(__name__)
 ModeratorName = Literal["openai", "local", "keyword"]
 # Upstream response headers worth passing on to the caller (ids for support, rate-limit hints).
 _PASS_HEADERS = ("x-request-id", "retry-after", "retry-after-ms", "openai-processing-ms")
+DEBUG_HEADER = "x-streamguard-debug"
+# The playground loads nothing from elsewhere and talks only to this origin; inline code is its own.
+_PLAYGROUND_CSP = (
+    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data:; "
+    "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -88,6 +108,7 @@ class ProxyConfig:
         max_body_bytes: Larger request bodies are refused with 413.
         timeout: Seconds an upstream request may take.
         ping: Seconds of silence in a stream after which a ``: ping`` comment is sent.
+        playground: Serve the playground page at ``GET /``.
     """
 
     upstream: str
@@ -102,6 +123,7 @@ class ProxyConfig:
     max_body_bytes: int = 8 * 1024 * 1024
     timeout: float = 600.0
     ping: float | None = 15.0
+    playground: bool = True
 
     def __post_init__(self) -> None:
         for name in ("upstream", "moderation_base_url"):
@@ -142,7 +164,9 @@ def create_app(config: ProxyConfig) -> Starlette:
     from starlette.middleware.cors import CORSMiddleware
     from starlette.routing import Route
 
-    proxy = _Proxy(config)
+    from ._metrics import ProxyMetrics
+
+    proxy = _Proxy(config, ProxyMetrics())
 
     async def http_error(request: Request, exc: Exception) -> Response:
         status = exc.status_code if isinstance(exc, HTTPException) else 500
@@ -168,13 +192,17 @@ def create_app(config: ProxyConfig) -> Starlette:
                 expose_headers=["x-request-id"],
             )
         )
+    routes = [
+        Route("/v1/chat/completions", proxy.chat, methods=["POST"]),
+        Route("/v1/models", proxy.models, methods=["GET"]),
+        Route("/v1/models/{model:path}", proxy.models, methods=["GET"]),
+        Route("/healthz", proxy.healthz, methods=["GET"]),
+        Route("/metrics", proxy.metrics_page, methods=["GET"]),
+    ]
+    if config.playground:
+        routes.append(Route("/", proxy.playground, methods=["GET"]))
     return Starlette(
-        routes=[
-            Route("/v1/chat/completions", proxy.chat, methods=["POST"]),
-            Route("/v1/models", proxy.models, methods=["GET"]),
-            Route("/v1/models/{model:path}", proxy.models, methods=["GET"]),
-            Route("/healthz", proxy.healthz, methods=["GET"]),
-        ],
+        routes=routes,
         middleware=middleware,
         exception_handlers={HTTPException: http_error, 500: http_error},
         lifespan=lifespan,
@@ -198,8 +226,10 @@ def serve(config: ProxyConfig, host: str = "127.0.0.1", port: int = 8000, *, log
 class _Proxy:
     """The handlers, and the clients they share."""
 
-    def __init__(self, config: ProxyConfig) -> None:
+    def __init__(self, config: ProxyConfig, metrics: ProxyMetrics) -> None:
         self.config = config
+        self.metrics = metrics
+        self._playground: bytes | None = None
         self.secrets = tuple(k for k in (config.upstream_api_key, config.moderation_api_key) if k)
         self._client_keys = [key.encode() for key in sorted(config.client_keys)]
         # Without a key of our own the caller's Authorization replaces this placeholder per request.
@@ -250,6 +280,22 @@ class _Proxy:
     async def healthz(self, request: Request) -> Response:
         return _json(200, {"status": "ok"})
 
+    async def metrics_page(self, request: Request) -> Response:
+        from starlette.responses import Response
+
+        from ._metrics import CONTENT_TYPE
+
+        return Response(self.metrics.render(), headers={"content-type": CONTENT_TYPE})
+
+    async def playground(self, request: Request) -> Response:
+        from starlette.responses import HTMLResponse
+
+        if self._playground is None:
+            page = importlib.resources.files(__package__).joinpath("_playground.html")
+            self._playground = page.read_bytes()
+        headers = {"content-security-policy": _PLAYGROUND_CSP, "x-content-type-options": "nosniff"}
+        return HTMLResponse(self._playground, headers=headers)
+
     async def models(self, request: Request) -> Response:
         if (denied := self.authorize(request)) is not None:
             return denied
@@ -258,6 +304,7 @@ class _Proxy:
             headers = self.forward(request)
             response = await self.upstream.get(path, cast_to=httpx2.Response, options={"headers": headers})
         except openai.APIError as exc:
+            self.metrics.error(exc)
             return self.open_error(exc)
         return _raw(response, self.secrets)
 
@@ -342,6 +389,7 @@ class _Proxy:
 
         options = body.get("stream_options")
         wants_usage = isinstance(options, dict) and options.get("include_usage") is True
+        debug = request.headers.get(DEBUG_HEADER, "").strip().lower() in ("1", "true", "yes")
         return GuardedSSEResponse(
             open_stream,
             moderator=moderator,
@@ -353,7 +401,14 @@ class _Proxy:
             ping=self.config.ping,
             secrets=self.secrets,
             open_error=self.open_error,
+            on_verdict=self.metrics.verdict,
+            on_flag=self.metrics.flag,
+            on_end=self._stream_ended,
+            debug_events=debug,
         )
+
+    def _stream_ended(self, response: GuardedSSEResponse) -> None:
+        self.metrics.stream_ended(response)
 
     async def complete(self, body: dict[str, Any], request: Request, moderator: Moderator) -> Response:
         try:
@@ -361,6 +416,7 @@ class _Proxy:
                 "/chat/completions", body=body, cast_to=httpx2.Response, options={"headers": self.forward(request)}
             )
         except openai.APIError as exc:
+            self.metrics.error(exc)
             return self.open_error(exc)
         try:
             answer = response.json()
@@ -373,6 +429,7 @@ class _Proxy:
             flagged = await self.judge(choices, moderator)
         except ModerationError as exc:
             logger.warning("moderation of a non-streamed answer failed: %s", type(exc).__name__)
+            self.metrics.error(exc)
             return _json(*describe_error(exc))
         if not flagged:
             return _raw(response, self.secrets)
@@ -401,8 +458,10 @@ class _Proxy:
             return []
         policy = self.config.policy
         try:
+            started = time.perf_counter()
             with anyio.fail_after(policy.moderation_timeout):
                 verdicts: list[Verdict] = await moderator.moderate([t for _, t in texts])
+            self.metrics.latency.observe(time.perf_counter() - started)
             if len(verdicts) != len(texts):
                 raise ModerationError(f"moderator returned {len(verdicts)} verdicts for {len(texts)} texts")
         except Exception as exc:
@@ -414,7 +473,12 @@ class _Proxy:
             if isinstance(exc, TimeoutError):
                 raise ModerationTimeout(f"moderation took longer than {policy.moderation_timeout}s") from exc
             raise ModerationError(f"moderator failed: {type(exc).__name__}") from exc
-        return [choice for (choice, _), verdict in zip(texts, verdicts, strict=True) if policy.judge(verdict)]
+        flagged = []
+        for (choice, _), verdict in zip(texts, verdicts, strict=True):
+            if (decision := policy.judge(verdict)) is not None:
+                flagged.append(choice)
+                self.metrics.count_flag(decision.category, policy.action, "output")
+        return flagged
 
     def open_error(self, exc: Exception) -> Response:
         """The response for a request that failed before any answer came."""
@@ -500,6 +564,9 @@ def add_serve_subcommand(subparsers: argparse._SubParsersAction[argparse.Argumen
     parser.add_argument("--moderation-base-url", metavar="URL", help="Moderation endpoint base URL (openai moderator)")
     parser.add_argument("--cors-origin", action="append", default=[], dest="cors_origins", metavar="O")
     parser.add_argument("--max-body-bytes", type=int, default=ProxyConfig.max_body_bytes)
+    parser.add_argument(
+        "--no-playground", action="store_false", dest="playground", help="do not serve the playground page at /"
+    )
     parser.set_defaults(run=run_serve)
     return parser
 
@@ -530,12 +597,13 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
         cors_origins=tuple(args.cors_origins),
         moderation_base_url=args.moderation_base_url,
         max_body_bytes=args.max_body_bytes,
+        playground=args.playground,
     )
 
 
 def run_serve(args: argparse.Namespace) -> int:
     """Run ``streamguard serve``; returns the exit status (2 for a usage or setup error)."""
-    missing = [m for m in ("starlette", "uvicorn") if importlib.util.find_spec(m) is None]
+    missing = [m for m in ("starlette", "uvicorn", "prometheus_client") if importlib.util.find_spec(m) is None]
     if missing:
         sys.stderr.write(f"streamguard serve needs {', '.join(missing)}: pip install 'streamguard[server]'\n")
         return 2

@@ -23,10 +23,18 @@ left out, provider-specific fields kept), the final usage chunk, ``data: [DONE]`
 comments on gaps longer than ``ping`` seconds. If opening the upstream fails, the response is a
 JSON error with a status (the upstream's own for an HTTP error); if the stream fails once
 started, one ``data: {"error": {...}}`` event in OpenAI's error shape, and the body ends.
+
+Debug events (opt-in, ``debug_events=True``): SSE *comments*, which every SSE client skips (the
+``openai`` client included; a named ``event:`` would not do, as that client hands any event with
+a name other than ``thread.*`` to the chunk parser). First ``: streamguard.policy {json}``, then
+one ``: streamguard.verdict {json}`` per settled window, written just before the next chunk, so
+a window's verdict precedes the text it released. They carry offsets, latency and category, never
+the window's text, so a flagged word does not reach the client this way either.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import AsyncIterable, Awaitable, Callable, Mapping, Sequence
@@ -41,7 +49,7 @@ from starlette.types import Receive, Scope, Send
 from ..guard import GuardedStream, guard
 from ..moderation._base import Moderator
 from ..policy import Policy
-from ..report import GuardReport
+from ..report import GuardReport, VerdictEvent
 from ._sse import DONE, PING, chunk_event, describe_error, error_event
 
 __all__ = ["GuardedSSEResponse"]
@@ -72,9 +80,14 @@ class GuardedSSEResponse(Response):
         open_error: Builds the response sent when ``open_stream`` raises; by default a JSON
             error in OpenAI's shape, with the upstream's status for an HTTP error.
         background: Run after the body has been sent (not when the client left).
+        debug_events: Also send the policy and each window's verdict as SSE comments (see the
+            module docstring); for debugging UIs such as the proxy's playground.
+        on_end: Called with this response once it is over, however it ended (sent, failed, or
+            the client left); synchronous, for bookkeeping such as metrics. Its errors are logged.
 
-    After the response, :attr:`report` holds the stream's :class:`~streamguard.GuardReport` and
-    :attr:`disconnected` says whether the client left early.
+    After the response, :attr:`report` holds the stream's :class:`~streamguard.GuardReport`,
+    :attr:`error` the exception it ended with (opening upstream, upstream or moderation failing
+    mid-stream), and :attr:`disconnected` says whether the client left early.
     """
 
     media_type = "text/event-stream"
@@ -96,6 +109,8 @@ class GuardedSSEResponse(Response):
         on_flag: Callable[[Any], object] | None = None,
         open_error: Callable[[Exception], Response] | None = None,
         background: BackgroundTask | None = None,
+        debug_events: bool = False,
+        on_end: Callable[[GuardedSSEResponse], object] | None = None,
     ) -> None:
         if ping is not None and not ping > 0:
             raise ValueError(f"ping must be a positive number of seconds or None, got {ping!r}")
@@ -112,6 +127,11 @@ class GuardedSSEResponse(Response):
         self._on_flag = on_flag
         self._open_error = open_error
         self._guarded: GuardedStream | None = None
+        self._debug = debug_events
+        self._started = time.monotonic()  # reset when the response begins; debug events' clock
+        self._pending: list[bytes] = []  # debug events waiting for the next write
+        self._on_end = on_end
+        self.error: Exception | None = None
         self.disconnected = False
         self._scope: anyio.CancelScope | None = None
         self._sent = False  # the body's end is being sent: a disconnect now is the normal end
@@ -138,8 +158,19 @@ class GuardedSSEResponse(Response):
             if len(group.exceptions) == 1:
                 raise group.exceptions[0] from group.exceptions[0].__cause__
             raise
+        finally:
+            if self._on_end is not None:
+                try:
+                    self._on_end(self)
+                except Exception:  # bookkeeping must not change how the response ended
+                    logger.exception("on_end hook failed")
         if completed and self.background is not None:
             await self.background()
+
+    def _debug_verdict(self, event: VerdictEvent) -> object:
+        at = time.monotonic() - self._started
+        self._pending.append(_comment("streamguard.verdict", _verdict_fields(event, at)))
+        return self._on_verdict(event) if self._on_verdict is not None else None
 
     def _client_gone(self) -> None:
         # ASGI spec 2.4 servers raise OSError from `send` instead: the same as a disconnect.
@@ -157,9 +188,11 @@ class GuardedSSEResponse(Response):
                 return
 
     async def _respond(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self._started = time.monotonic()
         try:
             source = await self._open_stream()
         except Exception as exc:
+            self.error = exc
             if self._open_error is not None:
                 response = self._open_error(exc)
             else:
@@ -182,7 +215,7 @@ class GuardedSSEResponse(Response):
             messages=self._messages,
             tools=self._tools,
             n=self._n,
-            on_verdict=self._on_verdict,
+            on_verdict=self._debug_verdict if self._debug else self._on_verdict,
             on_flag=self._on_flag,
         ) as guarded:
             self._guarded = guarded
@@ -195,6 +228,9 @@ class GuardedSSEResponse(Response):
         async def write(data: bytes, *, more: bool = True) -> None:
             nonlocal last_sent
             async with lock:
+                if self._pending:  # debug events go first: a verdict precedes the text it released
+                    data = b"".join(self._pending) + data
+                    self._pending.clear()
                 try:
                     await send({"type": "http.response.body", "body": data, "more_body": more})
                 except OSError:
@@ -215,6 +251,8 @@ class GuardedSSEResponse(Response):
         except OSError:
             self._client_gone()
             await anyio.lowlevel.checkpoint()
+        if self._debug:
+            await write(_comment("streamguard.policy", _policy_fields(guarded.policy)))
         async with anyio.create_task_group() as tg:
             if self._ping is not None:
                 tg.start_soon(pinger, self._ping)
@@ -224,6 +262,7 @@ class GuardedSSEResponse(Response):
                 await write(DONE)
             except Exception as exc:
                 # Not a disconnect (that cancels us): upstream or moderation failed mid-stream.
+                self.error = exc
                 _, body = describe_error(exc, self._secrets)
                 logger.warning("guarded stream failed: %s: %s", type(exc).__name__, body["error"]["message"])
                 await write(error_event(body))
@@ -232,3 +271,41 @@ class GuardedSSEResponse(Response):
         # this last send is still in progress.
         self._sent = True
         await write(b"", more=False)
+
+
+def _comment(name: str, fields: Mapping[str, Any]) -> bytes:
+    """One debug event: an SSE comment ``: name {json}`` (compact JSON has no newline)."""
+    return b": " + name.encode() + b" " + json.dumps(fields, separators=(",", ":")).encode() + b"\n\n"
+
+
+def _verdict_fields(event: VerdictEvent, at: float) -> dict[str, Any]:
+    """What a debug client may see of a verdict: offsets, timing, category; not the text.
+
+    ``at_ms`` is when the verdict was applied, counted from the start of the response (before
+    the upstream request); the moderation call took the ``latency_ms`` before it.
+    """
+    flag = event.flag
+    return {
+        "choice": event.choice,
+        "seq": event.seq,
+        "start": event.start,
+        "end": event.end,
+        "latency_ms": round(event.latency * 1000, 3),
+        "at_ms": round(at * 1000, 3),
+        "flagged": flag is not None,
+        "category": flag.category if flag is not None else None,
+        "action": flag.action if flag is not None else None,
+        "error": type(event.error).__name__ if event.error is not None else None,
+    }
+
+
+def _policy_fields(policy: Policy) -> dict[str, Any]:
+    return {
+        "mode": policy.mode,
+        "action": policy.action,
+        "redaction": policy.redaction,
+        "window_chars": policy.window_chars,
+        "first_window_chars": policy.first_window_chars,
+        "overlap_chars": policy.overlap_chars,
+        "on_error": policy.on_error,
+    }
