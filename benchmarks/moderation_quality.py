@@ -1,9 +1,12 @@
 """Moderation quality of windowed (streamed) text against whole texts and against labels.
 
-Each labelled sample is streamed word by word through a ``WindowBuffer`` with the default
-``Policy()`` window sizes; every window's text (context + new text) is moderated, and the sample
-counts as flagged by the windowed run if any of its windows is. The same moderator also judges
-the whole text at once. Reported per dataset and moderator:
+Each labelled sample is streamed word by word through the real guarded stream
+(``guard(scripted_chunks(words), moderator=..., policy=...)``, in-process, no delay; many samples
+at once, so the moderators' batchers see concurrent streams); the sample counts as flagged by the
+windowed run if the stream's ``report.flags`` is not empty. With the default ``action="cutoff"``
+a stream ends at its first flag, so ``windows`` counts the windows actually moderated. The same
+moderator also judges each whole text at once (``moderate([text])``). Reported per dataset and
+moderator:
 
 - ``recall_vs_whole``: of the texts the whole-text run flags, the share the windowed run flags too;
 - ``false_flag_rate``: of the texts the whole-text run does not flag, the share windowed flags;
@@ -11,8 +14,11 @@ the whole text at once. Reported per dataset and moderator:
 
 Usage::
 
-    python benchmarks/moderation_quality.py [--data DIR] [--limit N] [--out FILE.json]
+    python benchmarks/moderation_quality.py [--data DIR] [--limit N] [--moderators local keyword]
+        [--window 240] [--first-window 1] [--overlap 64] [--out FILE.json]
 
+Window sizes default to ``Policy()``'s. ``flush_after`` is raised to an hour: the scripted upstream
+never stalls, so only the text (never event-loop load) decides where windows are cut.
 :func:`evaluate` is reusable with any :class:`~streamguard.moderation.Moderator`.
 """
 
@@ -30,9 +36,11 @@ from typing import Any
 
 import anyio
 
+import streamguard
+import streamguard.testing
+from streamguard.exceptions import ConfigError
 from streamguard.moderation import KeywordModerator, LocalModerator, Moderator
 from streamguard.policy import Policy
-from streamguard.window import WindowBuffer
 
 DEFAULT_DATA = Path("/work/shared/data/moderation")
 # A small baseline list: common profanity, insults and violent words (no slurs).
@@ -53,6 +61,11 @@ KEYWORDS = [
     "hate",
 ]
 _WORDS = re.compile(r"\s*\S+|\s+")
+# Samples streamed at once: enough to fill the moderators' batches, few enough to keep memory low.
+CONCURRENCY = 64
+# No quiet-gap flushes: the scripted upstream never stalls, so a gap would only be event-loop load.
+FLUSH_AFTER = 3600.0
+MODERATORS = ("local", "keyword")
 
 
 def words(text: str) -> list[str]:
@@ -60,19 +73,43 @@ def words(text: str) -> list[str]:
     return _WORDS.findall(text)
 
 
-def window_texts(text: str, policy: Policy) -> list[str]:
-    """The texts of the windows a guarded stream would moderate for ``text`` streamed word by word."""
-    buffer = WindowBuffer(
-        window_chars=policy.window_chars,
-        first_window_chars=policy.first_window_chars,
-        growth=policy.window_growth,
-        overlap_chars=policy.overlap_chars,
+def bench_policy(*, window: int | None = None, first_window: int | None = None, overlap: int | None = None) -> Policy:
+    """``Policy()`` with the given window sizes (``None``: the default) and no quiet-gap flushes."""
+    default = Policy()
+    return Policy(
+        window_chars=default.window_chars if window is None else window,
+        first_window_chars=default.first_window_chars if first_window is None else first_window,
+        overlap_chars=default.overlap_chars if overlap is None else overlap,
+        flush_after=FLUSH_AFTER,
     )
-    windows = [w for word in words(text) for w in buffer.feed(word)]
-    last = buffer.flush()
-    if last is not None:
-        windows.append(last)
-    return [w.text for w in windows]
+
+
+async def stream_flagged(moderator: Moderator, text: str, policy: Policy) -> tuple[bool, int]:
+    """Stream ``text`` word by word through a guarded stream; return (flagged, windows moderated)."""
+    source = streamguard.testing.scripted_chunks(words(text))
+    async with streamguard.guard(source, moderator=moderator, policy=policy) as guarded:
+        async for _ in guarded:
+            pass
+    report = guarded.report
+    return bool(report.flags), report.moderation_calls
+
+
+async def _windowed(
+    moderator: Moderator, texts: Sequence[str], policy: Policy, concurrency: int
+) -> tuple[list[bool], int]:
+    """Windowed flag of every text and the windows moderated in all, ``concurrency`` streams at once."""
+    flagged = [False] * len(texts)
+    windows = [0] * len(texts)
+    limiter = anyio.CapacityLimiter(concurrency)
+
+    async def one(i: int) -> None:
+        async with limiter:
+            flagged[i], windows[i] = await stream_flagged(moderator, texts[i], policy)
+
+    async with anyio.create_task_group() as tg:
+        for i in range(len(texts)):
+            tg.start_soon(one, i)
+    return flagged, sum(windows)
 
 
 async def _flags(moderator: Moderator, texts: Sequence[str], policy: Policy) -> list[bool]:
@@ -98,35 +135,32 @@ async def evaluate(
     labels: Sequence[bool] | None = None,
     *,
     policy: Policy | None = None,
+    concurrency: int = CONCURRENCY,
 ) -> dict[str, Any]:
     """Compare windowed and whole-text moderation of ``texts`` with one moderator.
 
     Args:
         moderator: Any moderator; its verdicts are decided with ``policy.judge``.
-        texts: Samples, each streamed word by word through the policy's windows.
+        texts: Samples, each streamed word by word through a guarded stream.
         labels: Ground truth (flag or not) per text, for precision / recall / F1.
-        policy: Window sizes and thresholds; ``Policy()`` by default.
+        policy: The guard's policy (window sizes, thresholds); by default :func:`bench_policy`,
+            i.e. ``Policy()`` without quiet-gap flushes. A short ``flush_after`` lets load cut
+            extra windows.
+        concurrency: Guarded streams running at once.
 
     Returns:
         ``n``, ``windows`` (moderated in total), ``whole_flagged``, ``windowed_flagged``,
         ``recall_vs_whole``, ``false_flag_rate``, per-text ``whole`` / ``windowed`` flags and, with
         labels, ``whole_vs_labels`` / ``windowed_vs_labels`` (precision, recall, f1).
     """
-    policy = policy or Policy()
+    policy = policy or bench_policy()
     whole = await _flags(moderator, texts, policy)
-    per_text = [window_texts(t, policy) for t in texts]
-    flat = [w for ws in per_text for w in ws]
-    flat_flags = await _flags(moderator, flat, policy)
-    windowed: list[bool] = []
-    i = 0
-    for ws in per_text:
-        windowed.append(any(flat_flags[i : i + len(ws)]))
-        i += len(ws)
+    windowed, windows = await _windowed(moderator, texts, policy, concurrency)
     whole_pos = sum(whole)
     whole_neg = len(texts) - whole_pos
     result: dict[str, Any] = {
         "n": len(texts),
-        "windows": len(flat),
+        "windows": windows,
         "whole_flagged": whole_pos,
         "windowed_flagged": sum(windowed),
         "recall_vs_whole": sum(w and x for w, x in zip(windowed, whole, strict=True)) / whole_pos if whole_pos else 1.0,
@@ -168,36 +202,56 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-async def run(datasets: dict[str, tuple[list[str], list[bool]]]) -> list[dict[str, Any]]:
-    """Evaluate the local and keyword moderators on each dataset (name -> texts, labels)."""
-    local = LocalModerator()
-    await anyio.to_thread.run_sync(local.load)
-    moderators: dict[str, Moderator] = {"local": local, "keyword": KeywordModerator(KEYWORDS)}
+async def run(
+    datasets: dict[str, tuple[list[str], list[bool]]], policy: Policy, names: Sequence[str] = MODERATORS
+) -> list[dict[str, Any]]:
+    """Evaluate the named moderators (``local``, ``keyword``) on each dataset (name -> texts, labels)."""
+    moderators: dict[str, Moderator] = {}
+    for name in names:
+        if name == "local":
+            local = LocalModerator()
+            await anyio.to_thread.run_sync(local.load)
+            moderators[name] = local
+        else:
+            moderators[name] = KeywordModerator(KEYWORDS)
     rows = []
     for dataset, (texts, labels) in datasets.items():
         for name, moderator in moderators.items():
             start = time.perf_counter()
-            result = await evaluate(moderator, texts, labels)
+            result = await evaluate(moderator, texts, labels, policy=policy)
             summary = {k: v for k, v in result.items() if k not in ("whole", "windowed")}
             rows.append({"dataset": dataset, "moderator": name, **summary, "seconds": time.perf_counter() - start})
     return rows
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    default = Policy()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder of *.jsonl files")
     parser.add_argument(
-        "--limit", type=int, default=0, help="samples per dataset, a seeded random sample (default 0: all)"
+        "--limit",
+        type=int,
+        default=1500,
+        help="samples per dataset, a seeded random sample (default 1500, about 30 s in all; 0: all)",
     )
+    parser.add_argument("--moderators", nargs="+", choices=MODERATORS, default=list(MODERATORS))
+    parser.add_argument("--window", type=int, default=default.window_chars, help="Policy.window_chars")
+    parser.add_argument(
+        "--first-window", type=int, default=default.first_window_chars, help="Policy.first_window_chars"
+    )
+    parser.add_argument("--overlap", type=int, default=default.overlap_chars, help="Policy.overlap_chars")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args(argv)
     if not args.data.is_dir():
         print(f"no data folder: {args.data}", file=sys.stderr)
         return 2
-    policy = Policy()
+    try:
+        policy = bench_policy(window=args.window, first_window=args.first_window, overlap=args.overlap)
+    except ConfigError as exc:
+        parser.error(str(exc))
     start = time.perf_counter()
     datasets = {p.name.split(".")[0]: load(p, args.limit or None) for p in sorted(args.data.glob("*.jsonl"))}
-    rows = anyio.run(run, datasets)
+    rows = anyio.run(run, datasets, policy, args.moderators)
     elapsed = time.perf_counter() - start
     print(table(rows))
     print(
@@ -212,6 +266,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "first_window_chars": policy.first_window_chars,
             "window_growth": policy.window_growth,
             "overlap_chars": policy.overlap_chars,
+            "flush_after": policy.flush_after,
+            "concurrency": CONCURRENCY,
             "keywords": KEYWORDS,
         }
         args.out.write_text(json.dumps({"settings": settings, "results": rows}, indent=2), encoding="utf-8")

@@ -1,13 +1,21 @@
 """A cross-caller micro-batcher with no background task.
 
 Many concurrent callers (one per guarded stream) call :meth:`Batcher.submit`; their items are
-coalesced into one call of ``fn(list[T]) -> list[R]`` after at most ``max_wait`` seconds, or as
-soon as ``max_batch`` items are pending, and each caller gets its own results back.
+coalesced into calls of ``fn(list[T]) -> list[R]``, and each caller gets its own results back.
+
+When to send is adaptive, like Nagle's algorithm inverted: the batch call itself is the timer.
+
+- While no call is in flight, a batch is sent at once, after one checkpoint (so callers arriving
+  in the same event-loop tick still join): a lone stream never waits for company.
+- While a call is in flight, later callers accumulate; they are sent when a call returns or after
+  ``max_wait``, whichever comes first, or as soon as ``max_batch`` items are pending.
+- A batcher's first batch (nothing has been sent yet, so no call can clock it) waits ``max_wait``
+  or ``max_batch`` items, as a fixed-delay batcher would.
 
 There is no long-lived task: the first caller of a batch becomes its *leader*. The leader waits
-for the batch to fill (or ``max_wait``), takes it, and runs ``fn`` in its own task for everyone;
-the other callers wait on an event. So nothing can outlive its callers or the event loop, and it
-works the same on asyncio and trio. Invariants:
+as above, takes the batch, and runs ``fn`` in its own task for everyone; the other callers wait
+on an event. So nothing can outlive its callers or the event loop, and it works the same on
+asyncio and trio. Invariants:
 
 - The pending queue is FIFO and, whenever it is not empty, its first entry is the leader.
 - A follower cancelled while pending removes its entry; cancelled while its batch is in flight
@@ -16,6 +24,7 @@ works the same on asyncio and trio. Invariants:
   cancelled while ``fn`` runs aborts that call (cancellation is never delayed), and puts the
   other callers of the batch back in the queue, where a new leader sends them again.
 - If ``fn`` raises, every caller of that batch gets the same exception (as with a shared future).
+- Every call that ends (returns, raises or is cancelled) wakes the waiting leader, if any.
 """
 
 from __future__ import annotations
@@ -63,7 +72,9 @@ class Batcher(Generic[T, R]):
         fn: Async function taking a list of items and returning one result per item, in order.
         max_batch: Most items in one call of ``fn``. A single caller with more items is split
             into several batches.
-        max_wait: Seconds the first caller of a batch waits for others to join.
+        max_wait: Most seconds a caller waits for others to join: while another call is in
+            flight (a call returning sends sooner), and for the batcher's first batch. With no
+            call in flight, later batches are sent at once.
 
     Raises:
         ConfigError: ``max_batch < 1`` or ``max_wait`` negative or not finite.
@@ -82,7 +93,10 @@ class Batcher(Generic[T, R]):
         self._pending: list[_Entry[T, R]] = []
         self._pending_items = 0
         self._deadline = 0.0
-        self._full: anyio.Event | None = None
+        # Set to wake the waiting leader: the batch is full, a call ended, or entries were requeued.
+        self._wake: anyio.Event | None = None
+        self._in_flight = 0  # calls of fn running now
+        self._ended = 0  # calls of fn ended so far (returned, raised or cancelled)
         self.batches = 0
 
     @property
@@ -136,8 +150,12 @@ class Batcher(Generic[T, R]):
         if len(self._pending) == 1:
             entry.state = _State.LEADER
             self._deadline = anyio.current_time() + self.max_wait
-        elif self._pending_items >= self.max_batch and self._full is not None:
-            self._full.set()
+        elif self._pending_items >= self.max_batch:
+            self._poke()
+
+    def _poke(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
 
     def _withdraw(self, entry: _Entry[T, R]) -> None:
         """Remove a pending entry; hand leadership on if it was the leader."""
@@ -155,20 +173,15 @@ class Batcher(Generic[T, R]):
             head.wakeup.set()
 
     async def _lead(self, entry: _Entry[T, R]) -> None:
-        """Wait for the batch to fill or the deadline, then send it for everyone."""
+        """Wait until the batch is due (see the module docstring), then send it for everyone."""
         try:
-            while self._pending_items < self.max_batch:
-                remaining = self._deadline - anyio.current_time()
-                if remaining <= 0:
-                    break
-                self._full = anyio.Event()
-                with anyio.move_on_after(remaining):
-                    await self._full.wait()
+            await self._until_due()
         except BaseException:
             self._withdraw(entry)
             raise
         batch = self._take()
         items = [item for e in batch for item in e.items]
+        self._in_flight += 1
         try:
             results = await self._fn(items)
         except anyio.get_cancelled_exc_class():
@@ -179,11 +192,36 @@ class Batcher(Generic[T, R]):
         except BaseException as exc:
             self._settle(batch, error=exc)
             raise
+        finally:
+            self._in_flight -= 1
+            self._ended += 1
+            self._poke()  # the callers that gathered meanwhile are due now
         if len(results) != len(items):
             error = ModerationError(f"batched call returned {len(results)} results for {len(items)} inputs")
             self._settle(batch, error=error)
             raise error
         self._settle(batch, results=results)
+
+    async def _until_due(self) -> None:
+        """Return when the pending batch should be sent: full, idle, a call ended, or max_wait."""
+        ended = self._ended
+        checkpointed = False
+        while self._pending_items < self.max_batch and self._ended == ended:
+            if self.batches and not self._in_flight:
+                # Idle: nothing in flight will clock this batch, so waiting only adds latency.
+                # One checkpoint first, so callers arriving in this event-loop tick still join.
+                # (Not for the first batch, ``batches == 0``: it waits max_wait, as it always did.)
+                if checkpointed:
+                    return
+                await anyio.lowlevel.checkpoint()
+                checkpointed = True
+                continue
+            remaining = self._deadline - anyio.current_time()
+            if remaining <= 0:
+                return
+            self._wake = anyio.Event()
+            with anyio.move_on_after(remaining):
+                await self._wake.wait()
 
     def _take(self) -> list[_Entry[T, R]]:
         """Pop the leading entries (at most ``max_batch`` items, at least one entry) to send."""
@@ -210,8 +248,8 @@ class Batcher(Generic[T, R]):
         if was_empty and self._pending:
             self._deadline = anyio.current_time()  # they waited already: send at once
             self._promote_front()
-        elif self._pending_items >= self.max_batch and self._full is not None:
-            self._full.set()
+        elif self._pending_items >= self.max_batch:
+            self._poke()
 
     def _settle(
         self, batch: list[_Entry[T, R]], *, results: list[R] | None = None, error: BaseException | None = None

@@ -273,3 +273,129 @@ def test_bad_options_raise_config_error(make: Callable[[Recorder], object]) -> N
     """Out-of-range options are rejected at construction."""
     with pytest.raises(ConfigError):
         make(Recorder())
+
+
+async def warm_up(batcher: Batcher[int, int], fn: Recorder) -> None:
+    """Send the first batch (a full one, so it never waits): the batcher is adaptive from then on."""
+    await batcher.submit([-1] * batcher.max_batch)
+    fn.batches.clear()
+    fn.started = 0
+    fn.first_call = anyio.Event()
+
+
+async def test_lone_caller_is_sent_without_waiting_max_wait() -> None:
+    """With no call in flight, a lone caller is sent at once, however long max_wait is."""
+    fn = Recorder()
+    batcher: Batcher[int, int] = Batcher(fn, max_batch=4, max_wait=10)
+    with anyio.fail_after(1):
+        await warm_up(batcher, fn)
+        for i in range(5):
+            assert await batcher.submit([i]) == [i * 10]
+    assert fn.batches == [[0], [1], [2], [3], [4]]
+
+
+async def test_callers_of_the_same_tick_still_coalesce_when_idle() -> None:
+    """Callers started together join the lone caller's batch (one checkpoint before sending)."""
+    fn = Recorder()
+    batcher: Batcher[int, int] = Batcher(fn, max_batch=100, max_wait=10)
+    with anyio.fail_after(1):
+        await warm_up(batcher, fn)
+        results = await gather(batcher, [[i] for i in range(20)])
+    assert results == [[i * 10] for i in range(20)]
+    assert len(fn.batches) == 1
+    assert sorted(fn.batches[0]) == list(range(20))
+
+
+async def test_callers_gather_while_a_call_is_in_flight_and_go_when_it_returns() -> None:
+    """Callers arriving during a call wait for it (not max_wait), then go in one batch."""
+    fn = Recorder()
+    batcher: Batcher[int, int] = Batcher(fn, max_batch=100, max_wait=10)
+    results: dict[int, list[int]] = {}
+
+    async def call(i: int) -> None:
+        results[i] = await batcher.submit([i])
+
+    with anyio.fail_after(1):
+        await warm_up(batcher, fn)
+        fn.gate = anyio.Event()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call, 1)
+            await fn.first_call.wait()  # 1 is in flight, held by the gate
+            for i in (2, 3, 4):
+                tg.start_soon(call, i)
+            await anyio.wait_all_tasks_blocked()
+            assert fn.started == 1
+            assert batcher.pending == 3
+            fn.gate.set()
+    assert results == {i: [i * 10] for i in (1, 2, 3, 4)}
+    assert [sorted(b) for b in fn.batches] == [[1], [2, 3, 4]]
+
+
+async def test_max_wait_bounds_the_wait_behind_a_slow_call() -> None:
+    """Callers behind a call that does not return are sent after max_wait."""
+    batches: list[list[int]] = []
+
+    async def fn(items: list[int]) -> list[int]:
+        batches.append(list(items))
+        if 0 in items:
+            await anyio.sleep_forever()
+        await anyio.lowlevel.checkpoint()
+        return [i * 10 for i in items]
+
+    batcher: Batcher[int, int] = Batcher(fn, max_batch=2, max_wait=0.05)
+    results: dict[int, list[int]] = {}
+
+    async def call(i: int) -> None:
+        results[i] = await batcher.submit([i])
+
+    with anyio.fail_after(5):
+        assert await batcher.submit([-1, -2]) == [-10, -20]  # a full first batch: sent at once
+        async with anyio.create_task_group() as tg:
+            async with anyio.create_task_group() as slow:
+                slow.start_soon(call, 0)
+                await anyio.wait_all_tasks_blocked()  # 0 is in flight, forever
+                tg.start_soon(call, 1)
+                await anyio.sleep(0.2)
+                assert results == {1: [10]}
+                slow.cancel_scope.cancel()
+    assert batches == [[-1, -2], [0], [1]]
+    assert batcher.pending == 0
+
+
+async def test_a_failed_call_releases_the_callers_waiting_behind_it() -> None:
+    """A call that raises wakes the batch gathered behind it, which is sent and may succeed."""
+    boom = RuntimeError("boom")
+    gate = anyio.Event()
+    calls = 0
+
+    async def fn(items: list[int]) -> list[int]:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            await gate.wait()
+            raise boom
+        await anyio.lowlevel.checkpoint()
+        return [i * 10 for i in items]
+
+    batcher: Batcher[int, int] = Batcher(fn, max_batch=2, max_wait=10)
+    with anyio.fail_after(1):
+        assert await batcher.submit([7, 8]) == [70, 80]
+        out: list[list[int] | BaseException] = []
+
+        async def failing() -> None:
+            with pytest.raises(RuntimeError):
+                await batcher.submit([1])
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(failing)
+            await anyio.wait_all_tasks_blocked()
+
+            async def waiting() -> None:
+                out.append(await batcher.submit([2]))
+
+            tg.start_soon(waiting)
+            await anyio.wait_all_tasks_blocked()
+            assert batcher.pending == 1
+            gate.set()
+    assert out == [[20]]
+    assert calls == 3
