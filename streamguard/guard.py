@@ -207,6 +207,10 @@ class GuardedStream:
 
     async def aclose(self) -> None:
         """Stop: cancel moderation, close upstream. Safe to call more than once."""
+        if self._receive is None and not self._closed:
+            self._closed = True
+            await self._engine.close_unstarted()
+            return
         self._closed = True
         self._engine.cancel()
         if self._receive is not None:
@@ -320,6 +324,7 @@ class _Engine:
         self._seq = 0
         self._upstream_done = False
         self._upstream_closed = False
+        self._upstream_error: BaseException | None = None
         self._template: ChatCompletionChunk | None = None
         self._scope: anyio.CancelScope | None = None
         self._cancelled = False
@@ -343,6 +348,11 @@ class _Engine:
         self._finished = anyio.Event()
         spawn(self._run, send)
         return receive
+
+    async def close_unstarted(self) -> None:
+        """Close upstream of a stream that was never iterated."""
+        with anyio.move_on_after(self.policy.close_timeout, shield=True):
+            await self._close_upstream(chunk_iterator(self._source))
 
     def cancel(self) -> None:
         self._cancelled = True
@@ -461,6 +471,8 @@ class _Engine:
                 await self._stop_upstream()
                 await self._release(out)
             if self._upstream_done and self._everything_released():
+                if self._upstream_error is not None:
+                    raise self._upstream_error
                 await self._finish(out)
                 return
 
@@ -477,8 +489,11 @@ class _Engine:
         elif event.kind == "end":
             self._on_upstream_end()
         else:
+            # Upstream failed: judge what it did send (bounded by moderation_timeout), release
+            # what is clean, then end with its error.
             assert event.error is not None
-            raise event.error
+            self._upstream_error = event.error
+            self._on_upstream_end()
 
     def _on_chunk(self, chunk: ChatCompletionChunk) -> None:
         self._usage.observe(chunk)

@@ -178,3 +178,30 @@ async def test_bare_iteration_on_trio_says_to_use_async_with(anyio_backend: str)
         with anyio.fail_after(5):
             chunks = [c async for c in guarded]
         assert released_text(chunks) == TEXT and source.closed
+
+
+async def test_aclose_before_iterating_closes_upstream() -> None:
+    """A guarded stream closed before anyone read it still closes its upstream."""
+    source = scripted_chunks(words())
+    guarded = sg.guard(source, moderator=FakeModerator())
+    with anyio.fail_after(5):
+        await guarded.aclose()
+    assert source.closed
+
+
+async def test_upstream_error_releases_judged_text_first() -> None:
+    """When upstream fails, what it sent is still judged and the clean part released before the error."""
+
+    async def failing() -> AsyncIterator[ChatCompletionChunk]:
+        for chunk in scripted_chunks(words(), finish_reason=None)._chunks:
+            yield chunk
+        raise ConnectionError("upstream went away")
+
+    released: list[ChatCompletionChunk] = []
+    with anyio.fail_after(5), pytest.raises(ConnectionError):
+        async with sg.guard(failing(), moderator=FakeModerator(["attack"], latency=0.01)) as guarded:
+            async for chunk in guarded:
+                released.append(chunk)
+    text = released_text(released)
+    flag = guarded.report.flags[0]
+    assert text == TEXT[: flag.start]  # everything before the flagged window, nothing after
