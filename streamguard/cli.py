@@ -4,6 +4,7 @@
   network), guards it through the real ``openai`` client with the offline ``LocalModerator`` and
   shows it live; with ``OPENAI_API_KEY`` and ``--model``/a prompt it does the same against the
   real API with ``OpenAIModerator``.
+- ``streamguard serve --upstream URL`` runs the OpenAI-compatible moderating proxy.
 - ``streamguard replay FILE.sse`` serves a recorded Chat Completions stream from loopback and
   guards it.
 - ``streamguard bench`` runs the benchmark suite (``streamguard._bench``).
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from .exceptions import ConfigError
+from .integrations.proxy import add_serve_subcommand  # imports no starlette until it runs
 from .policy import Policy
 
 if TYPE_CHECKING:
@@ -145,6 +147,8 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # for the tests: seconds
     bench.add_argument("--out", type=Path, default=Path("bench-results"), help="output directory")
     bench.set_defaults(run=_cmd_bench)
+
+    add_serve_subcommand(sub)
     return parser
 
 

@@ -106,6 +106,7 @@ class ProxyConfig:
         moderation_api_key: Key for the Moderation endpoint; else ``upstream_api_key``, else the
             caller's ``Authorization``.
         max_body_bytes: Larger request bodies are refused with 413.
+        max_messages: Requests with more ``messages`` are refused with 400 (OpenAI's own limit is 2048).
         timeout: Seconds an upstream request may take.
         ping: Seconds of silence in a stream after which a ``: ping`` comment is sent.
         playground: Serve the playground page at ``GET /``.
@@ -121,6 +122,7 @@ class ProxyConfig:
     moderation_base_url: str | None = None
     moderation_api_key: str | None = field(default=None, repr=False)
     max_body_bytes: int = 8 * 1024 * 1024
+    max_messages: int = 2048
     timeout: float = 600.0
     ping: float | None = 15.0
     playground: bool = True
@@ -136,6 +138,8 @@ class ProxyConfig:
             raise ConfigError("the keyword moderator needs keywords")
         if self.max_body_bytes < 1:
             raise ConfigError("max_body_bytes must be >= 1")
+        if self.max_messages < 1:
+            raise ConfigError("max_messages must be >= 1")
         if not self.timeout > 0:
             raise ConfigError("timeout must be a positive number of seconds")
         if any(not key for key in self.client_keys):
@@ -314,6 +318,8 @@ class _Proxy:
         body = await self.read_json(request)
         if not isinstance(body, dict):
             return body
+        if (refused := self.check_messages(body)) is not None:
+            return refused
         moderator = self.moderator_for(request)
         if body.get("stream") is True:
             return self.stream(body, request, moderator)
@@ -371,6 +377,18 @@ class _Proxy:
             message = "We could not parse the JSON body of your request: the API expects a JSON object."
             return _json(400, error_object(message))
         return body
+
+    def check_messages(self, body: dict[str, Any]) -> Response | None:
+        """None if ``messages`` is within ``max_messages``, else the 400 to send (OpenAI's wording)."""
+        messages = body.get("messages")
+        limit = self.config.max_messages
+        if not isinstance(messages, list) or len(messages) <= limit:
+            return None
+        message = (
+            f"Invalid 'messages': array too long. Expected an array with maximum length {limit}, "
+            f"but got an array with length {len(messages)} instead."
+        )
+        return _json(400, error_object(message, param="messages", code="array_above_max_length"))
 
     def stream(self, body: dict[str, Any], request: Request, moderator: Moderator) -> Response:
         from .starlette import GuardedSSEResponse
@@ -531,7 +549,7 @@ def _dicts(value: object) -> list[Mapping[str, Any]] | None:
 # -- the `streamguard serve` subcommand -------------------------------------------------------
 
 
-def add_serve_subcommand(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
+def add_serve_subcommand(subparsers: argparse._SubParsersAction[Any]) -> argparse.ArgumentParser:
     """Add ``serve`` to the CLI's subparsers; :func:`run_serve` runs it.
 
     Args:
@@ -540,7 +558,7 @@ def add_serve_subcommand(subparsers: argparse._SubParsersAction[argparse.Argumen
     Returns:
         The ``serve`` parser (its defaults include ``run=run_serve``, as the CLI dispatches).
     """
-    parser = subparsers.add_parser(
+    parser: argparse.ArgumentParser = subparsers.add_parser(
         "serve",
         help="run an OpenAI-compatible moderating proxy",
         description="Run an OpenAI-compatible proxy that moderates chat completions on their way through.",

@@ -155,3 +155,12 @@ def test_bad_input_is_one_line_and_non_zero(
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert message in result.stderr
+
+
+def test_serve_is_wired_into_the_cli() -> None:
+    """`streamguard serve` exists and rejects a missing --upstream with a one-line error."""
+    result = subprocess.run(
+        [sys.executable, "-m", "streamguard", "serve"], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 2
+    assert "--upstream" in result.stderr and "Traceback" not in result.stderr
