@@ -70,7 +70,7 @@ class Config:
     batch_words: int
     timeline_words: int
     latencies: tuple[float, ...] = (0.0, 0.025, 0.1)
-    word_delays: tuple[float, ...] = (0.005, 0.02)
+    word_delays: tuple[float, ...] = (0.005, 0.01, 0.02)
     window_sizes: tuple[int, ...] = (60, 120, 240, 480)
     concurrency: tuple[int, ...] = (1, 10, 100)
 
@@ -462,6 +462,12 @@ async def _latency(bench: _Bench, config: Config) -> list[dict[str, Any]]:
                     # Paired with the raw run of the same repeat.
                     "added_ttft_ms": stats([(t - r) * 1000 for (t, _, _), r in zip(got, raw_ttft, strict=True)]),
                     "added_total_ms": stats([(t - r) * 1000 for (_, t, _), r in zip(got, raw_total, strict=True)]),
+                    # Added TTFT in moderation round trips (the floor for hold-back is 1).
+                    "added_ttft_per_round_trip": (
+                        stats([(t - r) / latency for (t, _, _), r in zip(got, raw_ttft, strict=True)])
+                        if latency
+                        else None
+                    ),
                     "moderation_calls": report.moderation_calls,
                     "calls_per_1k_tokens": 1000 * report.moderation_calls / tokens if tokens else math.nan,
                 }
@@ -622,6 +628,11 @@ def _mp(stat: dict[str, float] | None) -> str:
     return "-" if stat is None else f"{_f(stat['median'])} [{_f(stat['p95'])}]"
 
 
+def _mp2(stat: dict[str, float] | None) -> str:
+    """``median [p95]`` with two decimals."""
+    return "-" if stat is None else f"{_f(stat['median'], 2)} [{_f(stat['p95'], 2)}]"
+
+
 def _summary(results: dict[str, Any]) -> str:
     meta = results["meta"]
     lines = [
@@ -647,13 +658,15 @@ def _summary(results: dict[str, Any]) -> str:
         "",
         "## Time to first token and total time (FakeModerator latency; added = guarded - raw, paired per repeat)",
         "",
-        "| word every | mode | moderation | TTFT ms | added TTFT ms | total ms | added total ms | calls/1k tok |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| word every | mode | moderation | TTFT ms | added TTFT ms | added TTFT / round trip "
+        "| total ms | added total ms | calls/1k tok |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results["latency"]:
         lat = "-" if r["moderation_latency_ms"] is None else f"{r['moderation_latency_ms']:g} ms"
         lines.append(
             f"| {r['word_delay_ms']:g} ms | {r['mode']} | {lat} | {_mp(r['ttft_ms'])} | {_mp(r.get('added_ttft_ms'))} "
+            f"| {_mp2(r.get('added_ttft_per_round_trip'))} "
             f"| {_mp(r['total_ms'])} | {_mp(r.get('added_total_ms'))} | {_f(r.get('calls_per_1k_tokens'), 1)} |"
         )
     lines += [
