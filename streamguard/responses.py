@@ -18,7 +18,6 @@ The adapter maps each event onto the chat-chunk shape the engine reads and back:
 from __future__ import annotations
 
 from collections.abc import AsyncIterable, Mapping, Sequence
-from types import TracebackType
 from typing import Any
 
 from openai.types import CompletionUsage
@@ -26,10 +25,10 @@ from openai.types.chat import ChatCompletionChunk
 from openai.types.chat.chat_completion_chunk import Choice, ChoiceDelta
 from openai.types.responses import ResponseStreamEvent
 
+from ._adapted import AdaptedStream
 from .guard import GuardedStream, Hook
 from .moderation._base import Moderator
 from .policy import Policy
-from .report import GuardReport
 from .sources import chunk_iterator, close_quietly
 
 __all__ = ["GuardedResponseStream", "guard_responses"]
@@ -79,7 +78,7 @@ def guard_responses(
     )
 
 
-class GuardedResponseStream:
+class GuardedResponseStream(AdaptedStream[Any]):
     """An async iterator of Responses stream events; also an async context manager."""
 
     def __init__(
@@ -94,7 +93,7 @@ class GuardedResponseStream:
         on_flag: Hook | None,
     ) -> None:
         self._to_chunks = _ToChunks(stream, model)
-        self._guarded = GuardedStream(
+        guarded = GuardedStream(
             self._to_chunks,
             moderator=moderator,
             policy=policy,
@@ -105,41 +104,14 @@ class GuardedResponseStream:
             on_verdict=on_verdict,
             on_flag=on_flag,
         )
+        super().__init__(guarded)
         self._back = _ToEvents()
-        self._ready: list[Any] = []
-        self._ended = False
 
-    @property
-    def report(self) -> GuardReport:
-        return self._guarded.report
+    def _convert(self, chunk: ChatCompletionChunk) -> list[Any]:
+        return self._back.convert(chunk)
 
-    async def __aenter__(self) -> GuardedResponseStream:
-        await self._guarded.__aenter__()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> bool | None:
-        return await self._guarded.__aexit__(exc_type, exc, tb)
-
-    def __aiter__(self) -> GuardedResponseStream:
-        return self
-
-    async def __anext__(self) -> Any:
-        while not self._ready:
-            if self._ended:
-                raise StopAsyncIteration
-            try:
-                chunk = await self._guarded.__anext__()
-            except StopAsyncIteration:
-                self._ended = True
-                self._ready = self._back.finish()
-                continue
-            self._ready = self._back.convert(chunk)
-        return self._ready.pop(0)
-
-    async def aclose(self) -> None:
-        await self._guarded.aclose()
+    def _finish(self) -> list[Any]:
+        return self._back.finish()
 
 
 class _ToChunks:

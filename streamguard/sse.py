@@ -18,16 +18,17 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
-from types import TracebackType
 from typing import Any
 
+from openai.types.chat import ChatCompletionChunk
+
+from ._adapted import AdaptedStream
 from ._sse_parse import SSEEvent, SSEParser
 from .exceptions import StreamFormatError
 from .guard import GuardedStream, Hook
 from .integrations._sse import DONE, chunk_event
 from .moderation._base import Moderator
 from .policy import Policy
-from .report import GuardReport
 from .sources import close_quietly
 
 __all__ = ["GuardedSSE", "guard_sse"]
@@ -80,7 +81,7 @@ def guard_sse(
     )
 
 
-class GuardedSSE:
+class GuardedSSE(AdaptedStream[bytes]):
     """An async iterator of SSE ``bytes`` in OpenAI's wire format; also an async context manager."""
 
     def __init__(
@@ -96,7 +97,7 @@ class GuardedSSE:
         on_verdict: Hook | None,
         on_flag: Hook | None,
     ) -> None:
-        self._guarded = GuardedStream(
+        guarded = GuardedStream(
             _SSEChunks(body),
             moderator=moderator,
             policy=policy,
@@ -107,39 +108,18 @@ class GuardedSSE:
             on_verdict=on_verdict,
             on_flag=on_flag,
         )
-        self._done_sent = False
+        super().__init__(guarded)
 
-    @property
-    def report(self) -> GuardReport:
-        """The stream's report so far (final once the stream has ended)."""
-        return self._guarded.report
+    def _convert(self, chunk: ChatCompletionChunk) -> list[bytes]:
+        return [chunk_event(chunk)]
 
-    async def __aenter__(self) -> GuardedSSE:
-        await self._guarded.__aenter__()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> bool | None:
-        return await self._guarded.__aexit__(exc_type, exc, tb)
-
-    def __aiter__(self) -> GuardedSSE:
-        return self
-
-    async def __anext__(self) -> bytes:
-        if self._done_sent:
-            raise StopAsyncIteration
-        try:
-            chunk = await self._guarded.__anext__()
-        except StopAsyncIteration:
-            self._done_sent = True
-            return DONE
-        return chunk_event(chunk)
+    def _finish(self) -> list[bytes]:
+        return [DONE]
 
     async def aclose(self) -> None:
         """Stop: cancel moderation, close the body. Safe to call more than once."""
-        self._done_sent = True
-        await self._guarded.aclose()
+        self._ended = True  # no ``data: [DONE]`` after a close
+        await super().aclose()
 
 
 class _SSEChunks:

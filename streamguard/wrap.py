@@ -29,8 +29,9 @@ import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, TypeVar, cast
+from typing import Any, Generic, TypeVar, cast
 
 import anyio
 import openai
@@ -54,6 +55,7 @@ logger = logging.getLogger(__name__)
 
 ClientT = TypeVar("ClientT", openai.OpenAI, openai.AsyncOpenAI)
 T = TypeVar("T")
+A = TypeVar("A", ChatCompletion, Response)
 
 
 def wrap(client: ClientT, *, moderator: Moderator | None = None, policy: Policy | None = None) -> ClientT:
@@ -244,16 +246,7 @@ class _AsyncCompletions(_Resource):
                 tools=kwargs.get("tools"),
                 n=kwargs.get("n"),
             )
-        messages = kwargs.get("messages")
-        if policy.moderate_input and messages:
-            answer, flagged = await _with_input_check(lambda: create(**kwargs), messages, moderator, policy)
-            if flagged:
-                return _chat_input_flagged(answer, kwargs)
-        else:
-            answer = await create(**kwargs)
-        if not isinstance(answer, ChatCompletion):
-            return answer
-        return await moderate_completion(answer, moderator=moderator, policy=policy)
+        return await _async_create(create, kwargs, _CHAT, moderator, policy)
 
 
 class _SyncCompletions(_Resource):
@@ -271,16 +264,7 @@ class _SyncCompletions(_Resource):
                 tools=kwargs.get("tools"),
                 n=kwargs.get("n"),
             )
-        messages = kwargs.get("messages")
-        if policy.moderate_input and messages:
-            answer, flagged = _sync_with_input_check(lambda: create(**kwargs), messages, moderator, policy)
-            if flagged:
-                return _chat_input_flagged(answer, kwargs)
-        else:
-            answer = create(**kwargs)
-        if not isinstance(answer, ChatCompletion):
-            return answer
-        return run_on_bridge(_moderate_completion, answer, moderator, policy)
+        return _sync_create(create, kwargs, _CHAT, moderator, policy)
 
 
 class _AsyncResponses(_Resource):
@@ -293,16 +277,7 @@ class _AsyncResponses(_Resource):
             return guard_responses(
                 stream, moderator=moderator, policy=policy, model=kwargs.get("model"), input=kwargs.get("input")
             )
-        messages = _messages(kwargs.get("input"))
-        if policy.moderate_input and messages:
-            answer, flagged = await _with_input_check(lambda: create(**kwargs), messages, moderator, policy)
-            if flagged:
-                return _response_input_flagged(answer)
-        else:
-            answer = await create(**kwargs)
-        if not isinstance(answer, Response):
-            return answer
-        return await moderate_response(answer, moderator=moderator, policy=policy)
+        return await _async_create(create, kwargs, _RESPONSES, moderator, policy)
 
 
 class _SyncResponses(_Resource):
@@ -315,16 +290,56 @@ class _SyncResponses(_Resource):
             model, input = kwargs.get("model"), kwargs.get("input")
             inner = guard_responses(source, moderator=moderator, policy=policy, model=model, input=input)
             return SyncGuardedStream(inner, source=source)
-        messages = _messages(kwargs.get("input"))
-        if policy.moderate_input and messages:
-            answer, flagged = _sync_with_input_check(lambda: create(**kwargs), messages, moderator, policy)
-            if flagged:
-                return _response_input_flagged(answer)
-        else:
-            answer = create(**kwargs)
-        if not isinstance(answer, Response):
-            return answer
-        return run_on_bridge(_moderate_response, answer, moderator, policy)
+        return _sync_create(create, kwargs, _RESPONSES, moderator, policy)
+
+
+# -- non-streamed calls ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Answers(Generic[A]):
+    """How the non-streamed answers of one API are guarded."""
+
+    type: type[A]
+    messages: Callable[[Mapping[str, Any]], Sequence[Mapping[str, Any]] | None]  # the request's input
+    input_flagged: Callable[[A | None, Mapping[str, Any]], A]  # the answer to a flagged input
+    moderate: Callable[[A, Moderator, Policy], Awaitable[A]]
+
+
+async def _async_create(
+    create: Callable[..., Awaitable[Any]],
+    kwargs: Mapping[str, Any],
+    answers: _Answers[A],
+    moderator: Moderator,
+    policy: Policy,
+) -> Any:
+    """A non-streamed ``create(**kwargs)``: input moderation (if the policy asks), then the answer's."""
+    messages = answers.messages(kwargs)
+    if policy.moderate_input and messages:
+        answer, flagged = await _with_input_check(lambda: create(**kwargs), messages, moderator, policy)
+        if flagged:
+            return answers.input_flagged(answer, kwargs)
+    else:
+        answer = await create(**kwargs)
+    if not isinstance(answer, answers.type):
+        return answer
+    return await answers.moderate(answer, moderator, policy)
+
+
+def _sync_create(
+    create: Callable[..., Any], kwargs: Mapping[str, Any], answers: _Answers[A], moderator: Moderator, policy: Policy
+) -> Any:
+    """:func:`_async_create` for a sync client: the call in the caller's thread, moderation on the bridge."""
+    messages = answers.messages(kwargs)
+    if policy.moderate_input and messages:
+        answer, flagged = _sync_with_input_check(lambda: create(**kwargs), messages, moderator, policy)
+        if flagged:
+            return answers.input_flagged(answer, kwargs)
+    else:
+        answer = create(**kwargs)
+    if not isinstance(answer, answers.type):
+        return answer
+    return run_on_bridge(answers.moderate, answer, moderator, policy)
 
 
 # -- non-streamed answers -------------------------------------------------------------------------
@@ -544,7 +559,7 @@ def _chat_input_flagged(answer: ChatCompletion | None, kwargs: Mapping[str, Any]
     )
 
 
-def _response_input_flagged(answer: Response | None) -> Any:
+def _response_input_flagged(answer: Response | None, kwargs: Mapping[str, Any]) -> Response:
     """The content_filter answer for a flagged input on the Responses API."""
     if isinstance(answer, Response):
         return answer.model_copy(
@@ -562,3 +577,9 @@ def _response_input_flagged(answer: Response | None) -> Any:
         incomplete_details=IncompleteDetails(reason="content_filter"),
         output=[],
     )
+
+
+_CHAT = _Answers(ChatCompletion, lambda kwargs: kwargs.get("messages"), _chat_input_flagged, _moderate_completion)
+_RESPONSES = _Answers(
+    Response, lambda kwargs: _messages(kwargs.get("input")), _response_input_flagged, _moderate_response
+)

@@ -11,7 +11,8 @@ Invariants:
   lock, and only a successful embedding is cached (a failure is retried by the next call).
 - Windows of concurrent streams are coalesced into array-input requests by the same
   :class:`~streamguard.moderation._batcher.Batcher` as :class:`OpenAIModerator`, and paced and
-  retried by the same ``_Retrier`` (``x-ratelimit-*`` headers, jittered backoff, ``Retry-After``).
+  retried by the same ``_Retrier`` (``x-ratelimit-*`` headers, jittered backoff, ``Retry-After``):
+  both extend ``_EndpointModerator``.
 - Results are mapped back by each embedding's ``index``, never by position.
 - Empty (or whitespace-only) texts are never sent (the endpoint rejects them): they score 0.
 - Scores are cosine similarities clamped to [0, 1], as :class:`Verdict` scores are.
@@ -33,8 +34,7 @@ import openai
 
 from ..exceptions import ConfigError, ModerationError
 from ._base import Verdict
-from ._batcher import Batcher
-from .openai import ModerationStats, _estimate_tokens, _Retrier
+from .openai import _EndpointModerator, _estimate_tokens
 
 __all__ = ["EmbeddingModerator"]
 
@@ -52,7 +52,7 @@ class _Examples:
     matrix: Any = None  # numpy array of ``vectors`` when numpy is available
 
 
-class EmbeddingModerator:
+class EmbeddingModerator(_EndpointModerator):
     """Moderate texts by their embedding similarity to labelled examples of each category.
 
     One instance is meant to be shared by every guarded stream of a process, like
@@ -67,7 +67,8 @@ class EmbeddingModerator:
     Each verdict has ``scores[category]``, the highest cosine similarity (clamped to [0, 1]) of
     the text to that category's examples, and ``categories[category]``, whether that score
     reaches the category's threshold; ``flagged`` when any category does. ``Policy.thresholds``
-    can still override a category's threshold on the scores.
+    can still override a category's threshold on the scores. In ``stats``, ``requests`` includes
+    those embedding the examples.
 
     Args:
         client: The client to call through; its ``base_url``, key and HTTP client are used.
@@ -111,65 +112,17 @@ class EmbeddingModerator:
                 raise ConfigError(f"category {name!r} needs at least one non-empty example")
             examples[name] = kept
         self.thresholds = _thresholds(threshold, examples)
-        if max_retries < 0:
-            raise ConfigError(f"max_retries must be >= 0, got {max_retries!r}")
-        if not (timeout > 0 and math.isfinite(timeout)):
-            raise ConfigError(f"timeout must be a positive number of seconds, got {timeout!r}")
-        if not (backoff >= 0 and math.isfinite(backoff)):
-            raise ConfigError(f"backoff must be a non-negative number of seconds, got {backoff!r}")
-        self._client = client.with_options(max_retries=0, timeout=timeout)
+        super().__init__(
+            client, max_batch=max_batch, max_wait=max_wait, max_retries=max_retries, timeout=timeout, backoff=backoff
+        )
         self.categories: Mapping[str, Sequence[str]] = {k: tuple(v) for k, v in examples.items()}
         self.model = model
         self.max_batch = max_batch
-        self._retrier = _Retrier(max_retries=max_retries, backoff=backoff)
-        self._batcher: Batcher[str, Verdict] = Batcher(self._send, max_batch=max_batch, max_wait=max_wait)
         self._examples: _Examples | None = None
         self._examples_lock: anyio.Lock | None = None
-        self._calls = 0
-        self._texts = 0
-        self._chars = 0
-        self._batches = 0
 
-    @property
-    def max_retries(self) -> int:
-        """Retries of a failed request."""
-        return self._retrier.max_retries
-
-    @max_retries.setter
-    def max_retries(self, value: int) -> None:
-        self._retrier.max_retries = value
-
-    @property
-    def stats(self) -> ModerationStats:
-        """Counters so far (a snapshot); ``requests`` includes those embedding the examples."""
-        return ModerationStats(
-            calls=self._calls,
-            texts=self._texts,
-            moderated_chars=self._chars,
-            requests=self._retrier.requests,
-            batches=self._batches,
-            retries=self._retrier.retries,
-            paced_seconds=self._retrier.paced,
-        )
-
-    async def moderate(self, texts: Sequence[str]) -> list[Verdict]:
-        """Judge each text; one verdict per text, in order.
-
-        Args:
-            texts: Texts to judge, batched with those of concurrent callers.
-
-        Returns:
-            One :class:`Verdict` per text, with a score and a flag per category.
-
-        Raises:
-            ModerationError: The endpoint failed after retries, refused the request, or
-                returned malformed or missing embeddings.
-        """
-        self._calls += 1
-        if not texts:
-            return []
+    async def _prepare(self) -> None:
         await self.prepare()
-        return await self._batcher.submit(texts)
 
     async def prepare(self) -> None:
         """Embed the examples now, if not yet done (otherwise the first ``moderate`` does).
@@ -199,7 +152,6 @@ class EmbeddingModerator:
         """One batched call: embed the non-empty texts and score them against the examples."""
         examples = self._examples
         assert examples is not None  # moderate() prepared them before submitting
-        self._batches += 1
         wanted = [i for i, t in enumerate(texts) if t.strip()]
         vectors = await self._embed([texts[i] for i in wanted]) if wanted else []
         dims = len(examples.vectors[0])
@@ -209,8 +161,6 @@ class EmbeddingModerator:
         verdicts = [self._verdict(None)] * len(texts)
         for i, row in zip(wanted, similarities, strict=True):
             verdicts[i] = self._verdict(_per_category(row, examples.owners))
-        self._texts += len(texts)
-        self._chars += sum(map(len, texts))
         return verdicts
 
     def _verdict(self, scores: Mapping[str, float] | None) -> Verdict:

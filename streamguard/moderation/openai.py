@@ -12,8 +12,8 @@ Retries: the client's own retries are turned off (``with_options(max_retries=0)`
 policy is in one place: 408/409/429/5xx, connection errors and timeouts are retried with
 jittered exponential backoff, honouring ``retry-after-ms`` / ``retry-after``.
 
-Pacing and retries live in ``_Retrier``, which
-:class:`~streamguard.moderation.EmbeddingModerator` uses as well.
+Batching, pacing, retries and the counters live in ``_EndpointModerator`` (pacing and retries in
+its ``_Retrier``), which :class:`~streamguard.moderation.EmbeddingModerator` extends as well.
 """
 
 from __future__ import annotations
@@ -74,20 +74,10 @@ class ModerationStats:
     paced_seconds: float = 0.0
 
 
-class OpenAIModerator:
-    """Moderate texts with the OpenAI Moderation endpoint (or any compatible ``base_url``).
+class _EndpointModerator:
+    """What a moderator that calls an OpenAI endpoint needs: paced, retried, batched calls, and their counters.
 
-    Category names are kept as the endpoint sends them (``"self-harm/intent"``,
-    ``"illicit/violent"``, ...); ``Policy.thresholds`` applies to ``category_scores``.
-
-    Args:
-        client: The client to call through; its ``base_url``, key and HTTP client are used.
-        model: Moderation model.
-        max_batch: Most texts in one array-input request.
-        max_wait: Seconds the first window of a batch waits for windows of other streams.
-        max_retries: Retries of a failed request (429, 5xx, connection error, timeout).
-        timeout: Seconds one HTTP request may take.
-        backoff: Base of the exponential backoff, in seconds (doubled per retry, jittered).
+    A subclass sends one batch in :meth:`_send`; it may prepare before the first batch in :meth:`_prepare`.
 
     Raises:
         ConfigError: An option is out of range.
@@ -97,12 +87,11 @@ class OpenAIModerator:
         self,
         client: openai.AsyncOpenAI,
         *,
-        model: str = "omni-moderation-latest",
-        max_batch: int = 32,
-        max_wait: float = 0.005,
-        max_retries: int = 3,
-        timeout: float = 10.0,
-        backoff: float = 0.25,
+        max_batch: int,
+        max_wait: float,
+        max_retries: int,
+        timeout: float,
+        backoff: float,
     ) -> None:
         if max_retries < 0:
             raise ConfigError(f"max_retries must be >= 0, got {max_retries!r}")
@@ -111,9 +100,8 @@ class OpenAIModerator:
         if not (backoff >= 0 and math.isfinite(backoff)):
             raise ConfigError(f"backoff must be a non-negative number of seconds, got {backoff!r}")
         self._client = client.with_options(max_retries=0, timeout=timeout)
-        self.model = model
         self._retrier = _Retrier(max_retries=max_retries, backoff=backoff)
-        self._batcher: Batcher[str, Verdict] = Batcher(self._send, max_batch=max_batch, max_wait=max_wait)
+        self._batcher: Batcher[str, Verdict] = Batcher(self._send_counted, max_batch=max_batch, max_wait=max_wait)
         self._calls = 0
         self._texts = 0
         self._chars = 0
@@ -152,14 +140,66 @@ class OpenAIModerator:
 
         Raises:
             ModerationError: The endpoint failed after retries, refused the request, or
-                returned a different number of results than inputs.
+                returned a malformed response or a different number of results than inputs.
         """
         self._calls += 1
+        if not texts:
+            return []
+        await self._prepare()
         return await self._batcher.submit(texts)
 
-    async def _send(self, texts: list[str]) -> list[Verdict]:
-        """One batched call, paced and retried; the batcher fans the verdicts out."""
+    async def _prepare(self) -> None:
+        """Called before texts are submitted (nothing by default)."""
+
+    async def _send_counted(self, texts: list[str]) -> list[Verdict]:
+        """One batched call, counted; the batcher fans the verdicts out."""
         self._batches += 1
+        verdicts = await self._send(texts)
+        self._texts += len(texts)
+        self._chars += sum(map(len, texts))
+        return verdicts
+
+    async def _send(self, texts: list[str]) -> list[Verdict]:
+        """One batched call, paced and retried through ``self._retrier``: one verdict per text, in order."""
+        raise NotImplementedError
+
+
+class OpenAIModerator(_EndpointModerator):
+    """Moderate texts with the OpenAI Moderation endpoint (or any compatible ``base_url``).
+
+    Category names are kept as the endpoint sends them (``"self-harm/intent"``,
+    ``"illicit/violent"``, ...); ``Policy.thresholds`` applies to ``category_scores``.
+
+    Args:
+        client: The client to call through; its ``base_url``, key and HTTP client are used.
+        model: Moderation model.
+        max_batch: Most texts in one array-input request.
+        max_wait: Seconds the first window of a batch waits for windows of other streams.
+        max_retries: Retries of a failed request (429, 5xx, connection error, timeout).
+        timeout: Seconds one HTTP request may take.
+        backoff: Base of the exponential backoff, in seconds (doubled per retry, jittered).
+
+    Raises:
+        ConfigError: An option is out of range.
+    """
+
+    def __init__(
+        self,
+        client: openai.AsyncOpenAI,
+        *,
+        model: str = "omni-moderation-latest",
+        max_batch: int = 32,
+        max_wait: float = 0.005,
+        max_retries: int = 3,
+        timeout: float = 10.0,
+        backoff: float = 0.25,
+    ) -> None:
+        super().__init__(
+            client, max_batch=max_batch, max_wait=max_wait, max_retries=max_retries, timeout=timeout, backoff=backoff
+        )
+        self.model = model
+
+    async def _send(self, texts: list[str]) -> list[Verdict]:
         raw = await self._retrier.call(
             lambda: self._client.moderations.with_raw_response.create(input=texts, model=self.model),
             tokens=_estimate_tokens(texts),
@@ -172,8 +212,6 @@ class OpenAIModerator:
             raise ModerationError(f"malformed moderation response: {exc}") from exc
         if len(verdicts) != len(texts):
             raise ModerationError(f"moderation endpoint returned {len(verdicts)} results for {len(texts)} inputs")
-        self._texts += len(texts)
-        self._chars += sum(map(len, texts))
         return verdicts
 
 
