@@ -221,6 +221,8 @@ class LoopbackUpstream:
         return Starlette(
             routes=[
                 Route("/v1/chat/completions", chat, methods=["POST"]),
+                # The Responses API is answered by the same handler (scripts send its SSE, e.g. raw).
+                Route("/v1/responses", chat, methods=["POST"]),
                 Route("/v1/moderations", moderations, methods=["POST"]),
                 Route("/v1/embeddings", embeddings, methods=["POST"]),
                 Route("/v1/models", models, methods=["GET"]),

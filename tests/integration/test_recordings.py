@@ -76,3 +76,37 @@ async def test_azure_blocklisted_word_is_caught_in_a_real_recording(
     assert "svirblocked" not in text
     assert guarded.report.flags[0].category == "blocklist"
     assert guarded.report.finish_reasons[0] == "content_filter"
+
+
+@pytest.mark.parametrize("path", sorted(FIXTURES.glob("resp_*.sse")), ids=lambda p: p.stem)
+async def test_unflagged_responses_recording_comes_out_identical(
+    path: Path, upstream: LoopbackUpstream, client: AsyncOpenAI
+) -> None:
+    """Responses recordings via client.responses.create(stream=True) and guard_responses: events as recorded."""
+    body = await anyio.Path(path).read_bytes()
+    upstream.chat = lambda request: Script(raw=body)
+    recorded = events_of(body)
+    with anyio.fail_after(10):
+        stream = await client.responses.create(model="gpt-4o", input="Tell me a story.", stream=True)
+        async with sg.guard_responses(
+            stream, moderator=FakeModerator(["never-flagged"]), input="Tell me a story."
+        ) as g:
+            out = [json.loads(e.to_json(indent=None)) async for e in g]
+    assert out == recorded
+    assert upstream.requests[-1][0] == "/v1/responses"
+    assert g.report.flags == () and g.report.usage_source == "upstream"
+
+
+async def test_flagged_responses_recording_never_shows_the_word(
+    upstream: LoopbackUpstream, client: AsyncOpenAI
+) -> None:
+    """A cut Responses stream ends as response.incomplete and no event anywhere carries the flagged word."""
+    body = await anyio.Path(FIXTURES / "resp_gpt41nano_text.sse").read_bytes()
+    upstream.chat = lambda request: Script(raw=body)
+    with anyio.fail_after(10):
+        stream = await client.responses.create(model="gpt-4o", input="Tell me a story.", stream=True)
+        async with sg.guard_responses(stream, moderator=FakeModerator(["unicorn"])) as g:
+            out = [json.loads(e.to_json(indent=None)) async for e in g]
+    assert "unicorn" not in json.dumps(out)
+    assert out[-1]["type"] == "response.incomplete"
+    assert out[-1]["response"]["incomplete_details"] == {"reason": "content_filter"}

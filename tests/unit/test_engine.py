@@ -205,3 +205,51 @@ async def test_upstream_error_releases_judged_text_first() -> None:
     text = released_text(released)
     flag = guarded.report.flags[0]
     assert text == TEXT[: flag.start]  # everything before the flagged window, nothing after
+
+
+def moderation_chunk(flagged: bool) -> dict[str, Any]:
+    """The chunk OpenAI sends when the request asked it to moderate (``moderation={...}``)."""
+    result = {
+        "type": "moderation_result",
+        "model": "omni-moderation-latest",
+        "flagged": flagged,
+        "categories": {"violence": flagged, "hate": False},
+        "category_scores": {"violence": 0.93 if flagged else 0.01, "hate": 0.001},
+        "category_applied_input_types": {"violence": ["text"], "hate": ["text"]},
+    }
+    clean = {**result, "flagged": False, "categories": {"violence": False, "hate": False}}
+    return {
+        "id": "chatcmpl-test",
+        "object": "chat.completion.chunk",
+        "created": 1_700_000_000,
+        "model": "gpt-5",
+        "choices": [],
+        "moderation": {
+            "input": {"type": "moderation_results", "model": "omni-moderation-latest", "results": [clean]},
+            "output": {"type": "moderation_results", "model": "omni-moderation-latest", "results": [result]},
+        },
+    }
+
+
+@pytest.mark.parametrize("flagged", [True, False])
+async def test_upstream_moderation_results_are_honoured(flagged: bool) -> None:
+    """A provider's own output moderation in the stream is reported, and a flag ends held text as content_filter."""
+
+    async def with_moderation() -> AsyncIterator[Any]:
+        for chunk in scripted_chunks(words(), finish_reason=None)._chunks:
+            yield chunk
+        yield moderation_chunk(flagged)  # arrives while the last windows still wait for verdicts
+        yield chat_chunk(finish_reason="stop")
+
+    chunks, guarded = await run(with_moderation(), FakeModerator(latency=0.05))
+    finishes = [ch.finish_reason for c in chunks for ch in c.choices if ch.finish_reason]
+    if flagged:
+        flag = guarded.report.flags[0]
+        assert (flag.source, flag.category, flag.score) == ("upstream", "violence", 0.93)
+        assert finishes == ["content_filter"]
+        assert guarded.report.leaked_chars == len(released_text(chunks))  # shown before the provider's verdict
+        assert TEXT.startswith(released_text(chunks)) and len(released_text(chunks)) < len(TEXT)
+    else:
+        assert guarded.report.flags == () and finishes == ["stop"]
+        assert released_text(chunks) == TEXT
+    assert any(getattr(c, "moderation", None) is not None for c in chunks)  # passed through to the consumer
