@@ -254,3 +254,33 @@ async def test_openai_moderator_end_to_end(upstream: LoopbackUpstream, client: A
             text, _ = await collect(g)
     assert "attack" not in text and g.report.flags[0].category == "violence"
     assert upstream.count("/v1/moderations") >= 1
+
+
+@pytest.mark.parametrize("on_error", ["fail_closed", "fail_open"])
+async def test_moderation_endpoint_500_under_both_error_modes(
+    upstream: LoopbackUpstream, client: AsyncOpenAI, on_error: str
+) -> None:
+    """The Moderation endpoint answering 500 (after retries): fail-closed raises, fail-open releases and records."""
+    from streamguard._upstream import Reply
+
+    upstream.moderation = lambda body: Reply({"error": {"message": "boom", "type": "server_error"}}, status=500)
+    upstream.chat = lambda body: Script(text_chunks(words(STORY)))
+    policy = sg.Policy(on_error=on_error)  # type: ignore[arg-type]
+    moderator = sg.OpenAIModerator(client, max_retries=1, backoff=0.01)
+    released = ""
+    with anyio.fail_after(10):
+        stream = await open_stream(client)
+        if on_error == "fail_closed":
+            with pytest.raises(sg.ModerationError):
+                async with sg.guard(stream, moderator=moderator, policy=policy) as g:
+                    async for chunk in g:
+                        released += "".join(ch.delta.content or "" for ch in chunk.choices)
+            assert released == ""  # nothing had a clean verdict
+            assert stream.response.is_closed
+        else:
+            async with sg.guard(stream, moderator=moderator, policy=policy) as g:
+                text, _ = await collect(g)
+            assert text == STORY
+            spans = g.report.unmoderated
+            assert spans[0].start == 0 and spans[-1].end == len(STORY)
+    assert upstream.count("/v1/moderations") >= 2  # retried
