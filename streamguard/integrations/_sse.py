@@ -41,8 +41,8 @@ def error_event(body: dict[str, Any]) -> bytes:
 
 
 def scrub(text: str, secrets: Sequence[str]) -> str:
-    """``text`` with every secret replaced by ``***``."""
-    for secret in secrets:
+    """``text`` with every secret replaced by ``***`` (longest first, so no part of a longer one is left)."""
+    for secret in sorted(secrets, key=len, reverse=True):
         if secret:
             text = text.replace(secret, "***")
     return text

@@ -12,9 +12,14 @@ How a request is forwarded: the JSON body goes upstream *as received*, through t
 client's low-level ``post()`` (``client.post("/chat/completions", body=body, ...)``), not through
 ``chat.completions.create(**body)``, which would reject or drop fields it does not know. So
 provider-specific fields survive, while the client still does what it is good at: the SSE
-parsing into ``AsyncStream[ChatCompletionChunk]`` (chunks keep unknown fields, and ``to_json``
-gives them back), and typed errors (an upstream 4xx/5xx before the stream starts is returned
+parsing (an ``AsyncStream`` of the decoded JSON events; an ``{"error": ...}`` event raises
+``openai.APIError``), and typed errors (an upstream 4xx/5xx before the stream starts is returned
 with the upstream's own status and body). Its retries are off: the caller's client retries.
+Each event becomes a ``ChatCompletionChunk`` here (:class:`_Chunks`): validated strictly by
+pydantic-core when it fits the schema, else built without validation exactly as the ``openai``
+client builds it (``construct``). Either way unknown fields are kept, ``to_json`` gives the same
+bytes, and a chunk costs a few microseconds instead of the ~40 of the client's pure-Python
+``construct_type`` (the largest share of the proxy's CPU per chunk under load).
 
 Streaming requests are guarded (:class:`~streamguard.integrations.starlette.GuardedSSEResponse`);
 a usage chunk is sent only if the request asked for one (``stream_options.include_usage``),
@@ -26,8 +31,11 @@ Credentials: by default the caller's ``Authorization`` header passes through to 
 ``ProxyConfig.upstream_api_key`` the proxy holds the upstream key itself and callers present
 one of ``ProxyConfig.client_keys`` (compared in constant time). The upstream key is never
 logged and never sent to a caller: an upstream 401/403 becomes a 502 that does not echo the
-upstream's message, and every error text is scrubbed of the key. The upstream URL comes from
-configuration only, never from a request.
+upstream's message, and every error text is scrubbed of the key. The caller's own credentials
+(the ``Authorization`` bearer token, an ``api-key`` header) are scrubbed the same way from that
+request's error responses, error events and log lines, in case upstream echoes them
+(``Incorrect API key provided: sk-...``). The upstream URL comes from configuration only, never
+from a request.
 
 Debugging: a streaming request with the header ``x-streamguard-debug: 1`` also gets the policy
 and each window's verdict (offsets, latency, category; never text) as SSE comments, which SSE
@@ -56,6 +64,7 @@ import httpx2
 import openai
 from openai import AsyncOpenAI, AsyncStream
 from openai.types.chat import ChatCompletionChunk
+from pydantic import ValidationError
 
 from ..exceptions import ConfigError, ModerationError, ModerationTimeout
 from ..moderation import KeywordModerator, LocalModerator, OpenAIModerator
@@ -304,13 +313,14 @@ class _Proxy:
         if (denied := self.authorize(request)) is not None:
             return denied
         path = "/models" + request.url.path.removeprefix("/v1/models")
+        secrets = self.secrets_for(request)
         try:
             headers = self.forward(request)
             response = await self.upstream.get(path, cast_to=httpx2.Response, options={"headers": headers})
         except openai.APIError as exc:
             self.metrics.error(exc)
-            return self.open_error(exc)
-        return _raw(response, self.secrets)
+            return self.open_error(exc, secrets)
+        return _raw(response, secrets)
 
     async def chat(self, request: Request) -> Response:
         if (denied := self.authorize(request)) is not None:
@@ -339,6 +349,18 @@ class _Proxy:
         if ok and scheme.lower() == "bearer":
             return None
         return _json(401, error_object("Incorrect API key provided.", code="invalid_api_key"))
+
+    def secrets_for(self, request: Request) -> tuple[str, ...]:
+        """The strings to scrub from this request's errors and logs: the proxy's keys and the caller's."""
+        caller = []
+        if auth := request.headers.get("authorization", "").strip():
+            _, _, token = auth.partition(" ")
+            caller.append(token.strip() or auth)
+        if api_key := request.headers.get("api-key", "").strip():
+            caller.append(api_key)
+        if not caller:
+            return self.secrets
+        return (*self.secrets, *(key for key in caller if key not in self.secrets))
 
     def forward(self, request: Request) -> dict[str, str | openai.Omit]:
         """Headers to send upstream: the caller's credentials, unless the proxy holds the key."""
@@ -394,16 +416,18 @@ class _Proxy:
         from .starlette import GuardedSSEResponse
 
         headers = self.forward(request)
+        secrets = self.secrets_for(request)
 
-        async def open_stream() -> AsyncStream[ChatCompletionChunk]:
-            return await self.upstream.post(
+        async def open_stream() -> _Chunks:
+            events = await self.upstream.post(
                 "/chat/completions",
                 body=body,
-                cast_to=ChatCompletionChunk,
+                cast_to=object,  # the decoded JSON as is: _Chunks builds the chunks, faster
                 stream=True,
-                stream_cls=AsyncStream[ChatCompletionChunk],
+                stream_cls=AsyncStream[object],
                 options={"headers": headers},
             )
+            return _Chunks(events)
 
         options = body.get("stream_options")
         wants_usage = isinstance(options, dict) and options.get("include_usage") is True
@@ -417,8 +441,8 @@ class _Proxy:
             tools=_dicts(body.get("tools")),
             n=body["n"] if isinstance(body.get("n"), int) else None,
             ping=self.config.ping,
-            secrets=self.secrets,
-            open_error=self.open_error,
+            secrets=secrets,
+            open_error=lambda exc: self.open_error(exc, secrets),
             on_verdict=self.metrics.verdict,
             on_flag=self.metrics.flag,
             on_end=self._stream_ended,
@@ -429,20 +453,21 @@ class _Proxy:
         self.metrics.stream_ended(response)
 
     async def complete(self, body: dict[str, Any], request: Request, moderator: Moderator) -> Response:
+        secrets = self.secrets_for(request)
         try:
             response = await self.upstream.post(
                 "/chat/completions", body=body, cast_to=httpx2.Response, options={"headers": self.forward(request)}
             )
         except openai.APIError as exc:
             self.metrics.error(exc)
-            return self.open_error(exc)
+            return self.open_error(exc, secrets)
         try:
             answer = response.json()
         except ValueError:
-            return _raw(response, self.secrets)
+            return _raw(response, secrets)
         choices = answer.get("choices") if isinstance(answer, dict) else None
         if not isinstance(choices, list):
-            return _raw(response, self.secrets)
+            return _raw(response, secrets)
         try:
             flagged = await self.judge(choices, moderator)
         except ModerationError as exc:
@@ -450,7 +475,7 @@ class _Proxy:
             self.metrics.error(exc)
             return _json(*describe_error(exc))
         if not flagged:
-            return _raw(response, self.secrets)
+            return _raw(response, secrets)
         policy = self.config.policy
         for choice in flagged:
             message = choice.get("message")
@@ -498,19 +523,50 @@ class _Proxy:
                 self.metrics.count_flag(decision.category, policy.action, "output")
         return flagged
 
-    def open_error(self, exc: Exception) -> Response:
-        """The response for a request that failed before any answer came."""
+    def open_error(self, exc: Exception, secrets: Sequence[str]) -> Response:
+        """The response for a request that failed before any answer came (scrubbed of ``secrets``)."""
         if isinstance(exc, openai.APIStatusError):
-            return self.upstream_error(exc)
-        return _json(*describe_error(exc, self.secrets))
+            return self.upstream_error(exc, secrets)
+        return _json(*describe_error(exc, secrets))
 
-    def upstream_error(self, exc: openai.APIStatusError) -> Response:
+    def upstream_error(self, exc: openai.APIStatusError, secrets: Sequence[str]) -> Response:
         """An upstream HTTP error, passed on (unless it is about the proxy's own key)."""
         if self.config.upstream_api_key is not None and exc.status_code in (401, 403):
             logger.error("upstream refused the proxy's credentials (%d)", exc.status_code)
             message = "The upstream server refused the proxy's credentials."
             return _json(502, error_object(message, "server_error", code="upstream_auth_failed"))
-        return _raw(exc.response, self.secrets)
+        return _raw(exc.response, secrets)
+
+
+class _Chunks:
+    """Upstream's SSE events (decoded JSON) as ``ChatCompletionChunk``s; closing it closes the response."""
+
+    def __init__(self, events: AsyncStream[object]) -> None:
+        self._events = events
+
+    def __aiter__(self) -> _Chunks:
+        return self
+
+    async def __anext__(self) -> Any:
+        return _chunk(await self._events.__anext__())
+
+    async def aclose(self) -> None:
+        await self._events.close()
+
+
+def _chunk(data: object) -> Any:
+    """``data`` as the ``openai`` client would build it (``construct_type``), but validated in Rust when it can be.
+
+    Strict validation coerces nothing (a string stays out of an int field), so when it succeeds the
+    chunk is what ``construct`` would give; when it fails, ``construct`` it is. Anything but an
+    object is left as it is, as the client leaves it (the guard rejects it).
+    """
+    if not isinstance(data, dict):
+        return data
+    try:
+        return ChatCompletionChunk.model_validate(data, strict=True)
+    except ValidationError:
+        return ChatCompletionChunk.construct(**data)
 
 
 def _json(status: int, body: Any, *, headers: Mapping[str, str] | None = None) -> Response:

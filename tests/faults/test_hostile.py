@@ -292,3 +292,27 @@ async def test_client_disconnect_mid_stream_closes_upstream_within_a_second(
     with anyio.fail_after(2):
         assert await upstream.await_ended(1, 1.0)
     assert upstream.aborted == 1 and upstream.completed == 0
+
+
+async def test_pass_through_key_echoed_by_upstream_is_not_logged(
+    upstream: LoopbackUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An upstream error event quoting the caller's own key reaches neither a log line nor the response."""
+    caplog.set_level(logging.DEBUG, logger="streamguard")
+    error = {"error": {"message": f"Incorrect API key provided: {CALLER}", "type": "invalid_request_error"}}
+    upstream.chat = lambda body: Script([*text_chunks(["Hello", " there"])[:2], error])
+    app = create_app(ProxyConfig(upstream=upstream.base_url, moderator="keyword", keywords=["x"]))
+    body = {"model": "m", "messages": MESSAGES, "stream": True}
+    with serve_in_thread(app) as base, anyio.fail_after(10):
+        async with httpx2.AsyncClient(timeout=10) as http:
+            response = await http.post(
+                base + "/v1/chat/completions", json=body, headers={"authorization": f"Bearer {CALLER}"}
+            )
+    assert response.status_code == 200
+    assert CALLER not in response.text
+    assert '"error"' in response.text  # the error event itself still reaches the caller, masked
+    records = [r for r in caplog.records if r.name.startswith("streamguard")]
+    assert records  # the failure was logged, just without the key
+    for record in records:
+        line = record.getMessage() + (record.exc_text or "")
+        assert CALLER not in line, (record.name, line)
