@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import statistics
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from rich.console import Console, Group, RenderableType
@@ -204,8 +204,3 @@ def print_report(
 ) -> None:
     """Print :func:`report_tables`."""
     console.print(report_tables(report, timings=timings))
-
-
-def choice_texts(texts: Mapping[int, str], finish: Mapping[int, str | None]) -> Sequence[tuple[str, str]]:
-    """(heading, text) per choice, in index order."""
-    return [(f"choice {i} (finish: {finish.get(i)})", texts[i]) for i in sorted(texts)]

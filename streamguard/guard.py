@@ -258,7 +258,6 @@ class _Item:
     end: int
     text_field: Literal["content", "refusal"] | None
     finish: bool
-    split: bool = False  # part of it was released already
 
 
 @dataclass
@@ -835,9 +834,9 @@ class _Engine:
         state.released = max(state.released, upto)
         redactions = [r for r in state.redactions if r[0] < upto and r[1] > start]
         last_part = upto == item.end
-        if last_part and keep_finish and not item.split and not redactions:
+        whole = start == item.start and last_part  # nothing of it was released before
+        if whole and keep_finish and not redactions:
             return [item.chunk]
-        item.split = True
         choice = item.chunk.choices[0]
         original = (choice.delta.content or "") + (choice.delta.refusal or "")
         piece = original[start - item.start : upto - item.start]
@@ -848,7 +847,6 @@ class _Engine:
             update: dict[str, Any] = {"content": text, "refusal": None}
         else:
             update = {item.text_field: text}
-        whole = start == item.start and last_part
         # Log-probs name the tokens: they go out only with a whole, unredacted delta.
         logprobs = choice.logprobs if whole and not redactions else None
         finish = choice.finish_reason if last_part and keep_finish else None
