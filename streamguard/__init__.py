@@ -10,7 +10,14 @@ async with streamguard.guard(stream, moderator=streamguard.OpenAIModerator(clien
 from __future__ import annotations
 
 from ._sync import SyncGuardedStream, guard_sync
-from .exceptions import ConfigError, ModerationError, ModerationTimeout, StreamFormatError, StreamGuardError
+from .exceptions import (
+    ConfigError,
+    ModerationError,
+    ModerationTimeout,
+    StreamFormatError,
+    StreamGuardError,
+    UnguardedError,
+)
 from .guard import GuardedStream, guard
 from .moderation import (
     CompositeModerator,
@@ -55,6 +62,7 @@ __all__ = [
     "StreamFormatError",
     "StreamGuardError",
     "SyncGuardedStream",
+    "UnguardedError",
     "UsageTracker",
     "Verdict",
     "VerdictEvent",

@@ -4,6 +4,7 @@
 StreamGuardError(Exception)
 ├── ConfigError(StreamGuardError, ValueError)      bad options, missing data files
 ├── StreamFormatError(StreamGuardError, ValueError) malformed raw SSE (``guard_sse``)
+├── UnguardedError(StreamGuardError)              ``wrap()``: a path that would bypass moderation
 └── ModerationError(StreamGuardError)              fail_closed mode; raised from the cause
     └── ModerationTimeout(ModerationError, TimeoutError)
 ```
@@ -15,7 +16,14 @@ failures propagate unchanged as the ``openai`` client's own exceptions (``APICon
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "ModerationError", "ModerationTimeout", "StreamFormatError", "StreamGuardError"]
+__all__ = [
+    "ConfigError",
+    "ModerationError",
+    "ModerationTimeout",
+    "StreamFormatError",
+    "StreamGuardError",
+    "UnguardedError",
+]
 
 
 class StreamGuardError(Exception):
@@ -29,6 +37,15 @@ class ConfigError(StreamGuardError, ValueError):
 class StreamFormatError(StreamGuardError, ValueError):
     """A raw SSE body is not a chat-completions stream: invalid UTF-8 or JSON, a payload that is not
     a JSON object, or an ``{"error": ...}`` event (its message is included)."""
+
+
+class UnguardedError(StreamGuardError):
+    """A ``wrap()``-ed client was asked for a path that cannot be guarded.
+
+    The message names the path (``client.chat.completions.with_raw_response.create(...).content``,
+    ``client.post``, ...) and what to use instead. Nothing was sent upstream when this is raised from a
+    method call; raised from a raw-bytes accessor, the response is closed unread.
+    """
 
 
 class ModerationError(StreamGuardError):
