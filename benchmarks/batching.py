@@ -26,8 +26,8 @@ from typing import Any
 import anyio
 import openai
 
-from streamguard._upstream import LoopbackUpstream, keyword_moderation
 from streamguard.moderation import OpenAIModerator
+from streamguard.testing.upstream import LoopbackUpstream, keyword_moderation
 
 WINDOW = "The quick brown fox jumps over the lazy dog while the model keeps on talking. " * 3
 

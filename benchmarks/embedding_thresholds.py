@@ -38,7 +38,7 @@ Usage::
         [--api-key KEY] [--examples FILE] [--data FILE] [--out FILE.json]
 
 ``--offline`` serves the tests' deterministic hashed bag-of-words embeddings
-(``streamguard._upstream.hashed_embeddings``) from an in-process loopback server: it exercises the
+(``streamguard.testing.upstream.hashed_embeddings``) from an in-process loopback server: it exercises the
 whole path with no network, but its numbers say nothing about a real embedding model.
 """
 
@@ -205,7 +205,7 @@ def markdown(report: Mapping[str, Any]) -> str:
 @contextlib.contextmanager
 def _offline_server() -> Iterator[str]:
     """The tests' hashed embeddings from an in-process loopback server; yields its base URL."""
-    from streamguard._upstream import LoopbackUpstream, hashed_embeddings
+    from streamguard.testing.upstream import LoopbackUpstream, hashed_embeddings
 
     with LoopbackUpstream(embeddings=hashed_embeddings) as upstream:
         yield upstream.base_url

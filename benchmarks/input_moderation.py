@@ -26,8 +26,8 @@ from openai import AsyncOpenAI
 from openai.types.chat import ChatCompletionMessageParam
 
 import streamguard as sg
-from streamguard._upstream import LoopbackUpstream, Script, text_chunks
 from streamguard.testing import FakeModerator
+from streamguard.testing.upstream import LoopbackUpstream, Script, text_chunks
 
 MESSAGES: list[ChatCompletionMessageParam] = [
     {"role": "system", "content": "You are a helpful assistant."},

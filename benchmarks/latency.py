@@ -1,6 +1,6 @@
 """Latency, CPU, leak, call-count and batching benchmarks: ``python benchmarks/latency.py --quick``.
 
-A thin script over ``streamguard._bench`` (the same code ``streamguard bench`` runs), so an
+A thin script over ``streamguard.cli._bench`` (the same code ``streamguard bench`` runs), so an
 installed package can run the suite without this checkout.
 """
 
@@ -10,7 +10,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from streamguard._bench import run_suite
+from streamguard.cli._bench import run_suite
 
 
 def main(argv: Sequence[str] | None = None) -> int:

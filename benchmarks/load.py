@@ -1,7 +1,7 @@
 """Load: N concurrent guarded streams through the moderating proxy; nothing lost, mixed up, or kept.
 
 The proxy (``streamguard.integrations.proxy``, uvicorn on 127.0.0.1) sits in front of the loopback
-OpenAI-compatible upstream (``streamguard._upstream``); each stream is about 40 words with a small
+OpenAI-compatible upstream (``streamguard.testing.upstream``); each stream is about 40 words with a small
 delay per word, and its text names its stream, so every received text is checked against what
 that stream should say. Clients are real ``openai.AsyncOpenAI`` instances sharing connection pools
 sized for the load. The proxy moderator is ``openai`` (the proxy's one shared, batched
@@ -43,8 +43,8 @@ import httpx2
 import openai
 import uvicorn
 
-from streamguard._upstream import LoopbackUpstream, Script, keyword_moderation, text_chunks
 from streamguard.integrations.proxy import ProxyConfig, create_app
+from streamguard.testing.upstream import LoopbackUpstream, Script, keyword_moderation, text_chunks
 
 CLIENT_KEY = "bench-client-key"
 _ID = re.compile(r"stream (\d+)")

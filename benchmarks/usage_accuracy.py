@@ -29,7 +29,7 @@ from openai.types.chat import ChatCompletionChunk
 from pydantic import ValidationError
 
 from streamguard import KeywordModerator, guard
-from streamguard._upstream import LoopbackUpstream, Script
+from streamguard.testing.upstream import LoopbackUpstream, Script
 from streamguard.usage import UsageTracker, encoding_for_model
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -30,8 +30,8 @@ from starlette.requests import Request
 from starlette.routing import Route
 
 from streamguard import KeywordModerator, Moderator, OpenAIModerator, Policy
-from streamguard._upstream import LoopbackUpstream, Script, text_chunks
 from streamguard.integrations.starlette import GuardedSSEResponse
+from streamguard.testing.upstream import LoopbackUpstream, Script, text_chunks
 
 STORY = "Once upon a time the model said it would attack the castle at dawn, but the guard stopped it."
 

@@ -10,7 +10,7 @@ from openai import AsyncOpenAI
 from openai.types.chat import ChatCompletionMessageParam
 
 import streamguard as sg
-from streamguard._upstream import LoopbackUpstream, Script, text_chunks
+from streamguard.testing.upstream import LoopbackUpstream, Script, text_chunks
 
 ANSWER = (
     "Sure. The old lighthouse keeper climbed the stairs every night. "

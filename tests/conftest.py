@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 from openai import AsyncOpenAI
 
-from streamguard._upstream import LoopbackUpstream
+from streamguard.testing.upstream import LoopbackUpstream
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from openai import AsyncOpenAI
 
 import streamguard as sg
-from streamguard._upstream import LoopbackUpstream, Script, sse_body, text_chunks
+from streamguard.testing.upstream import LoopbackUpstream, Script, sse_body, text_chunks
 from tests.conftest import other_tasks
 
 USAGE = {"prompt_tokens": 5, "completion_tokens": 9, "total_tokens": 14}

@@ -21,8 +21,8 @@ import pytest
 import uvicorn
 from openai import AsyncOpenAI
 
-from streamguard._upstream import LoopbackUpstream, Reply, Script, keyword_moderation, text_chunks
 from streamguard.integrations.proxy import ProxyConfig, create_app
+from streamguard.testing.upstream import LoopbackUpstream, Reply, Script, keyword_moderation, text_chunks
 from tests.integration._servers import serve_in_thread
 
 SECRET = "sk-proxy-held-SECRET-7f3a9c"

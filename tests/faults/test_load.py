@@ -17,8 +17,8 @@ import httpx2
 import pytest
 from openai import AsyncOpenAI
 
-from streamguard._upstream import LoopbackUpstream, Script, text_chunks
 from streamguard.integrations.proxy import ProxyConfig, create_app
+from streamguard.testing.upstream import LoopbackUpstream, Script, text_chunks
 from tests.conftest import other_tasks
 from tests.integration._servers import serve_in_thread
 

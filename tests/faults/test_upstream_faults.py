@@ -18,8 +18,8 @@ import pytest
 from openai import AsyncOpenAI
 
 import streamguard as sg
-from streamguard._upstream import LoopbackUpstream, Reply, Script, text_chunks
 from streamguard.testing import FakeModerator
+from streamguard.testing.upstream import LoopbackUpstream, Reply, Script, text_chunks
 from tests.conftest import other_tasks
 
 WORDS = [" word"] * 30 + [" attack"] + [" word"] * 30

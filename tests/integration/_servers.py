@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from streamguard._upstream import keyword_moderation, sse_body, text_chunks
+from streamguard.testing.upstream import keyword_moderation, sse_body, text_chunks
 
 
 @contextmanager

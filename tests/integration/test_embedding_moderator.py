@@ -11,10 +11,10 @@ import openai
 import pytest
 
 import streamguard as sg
-from streamguard._upstream import LoopbackUpstream, Reply, Script, hashed_embeddings, hashed_vector, text_chunks
 from streamguard.exceptions import ConfigError, ModerationError
 from streamguard.moderation import CompositeModerator, EmbeddingModerator, KeywordModerator, Verdict
 from streamguard.moderation.embedding import _as_matrix, _Examples, _normalised, _similarities
+from streamguard.testing.upstream import LoopbackUpstream, Reply, Script, hashed_embeddings, hashed_vector, text_chunks
 
 PATH = "/v1/embeddings"
 COMPETITORS = [

@@ -13,8 +13,8 @@ from openai import AsyncOpenAI
 from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageParam
 
 import streamguard as sg
-from streamguard._upstream import LoopbackUpstream, Script, text_chunks
 from streamguard.testing import FakeModerator
+from streamguard.testing.upstream import LoopbackUpstream, Script, text_chunks
 from tests.conftest import other_tasks
 
 MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Tell me a story."}]
@@ -245,7 +245,7 @@ async def test_upstream_drop_surfaces_openai_error(upstream: LoopbackUpstream, c
 
 async def test_openai_moderator_end_to_end(upstream: LoopbackUpstream, client: AsyncOpenAI) -> None:
     """The Moderation endpoint (loopback) judges windows; its category decides the flag."""
-    from streamguard._upstream import keyword_moderation
+    from streamguard.testing.upstream import keyword_moderation
 
     upstream.moderation = keyword_moderation(["attack"], category="violence")
     upstream.chat = lambda body: Script(text_chunks(words(STORY)), delay=0.001)
@@ -261,7 +261,7 @@ async def test_moderation_endpoint_500_under_both_error_modes(
     upstream: LoopbackUpstream, client: AsyncOpenAI, on_error: str
 ) -> None:
     """The Moderation endpoint answering 500 (after retries): fail-closed raises, fail-open releases and records."""
-    from streamguard._upstream import Reply
+    from streamguard.testing.upstream import Reply
 
     upstream.moderation = lambda body: Reply({"error": {"message": "boom", "type": "server_error"}}, status=500)
     upstream.chat = lambda body: Script(text_chunks(words(STORY)))

@@ -11,12 +11,12 @@ import httpx2
 import pytest
 from openai._streaming import SSEDecoder
 
-from streamguard._upstream import LoopbackUpstream, Script, sse_body, text_chunks
 from streamguard.exceptions import StreamFormatError
 from streamguard.integrations._sse import DONE
 from streamguard.policy import Policy
 from streamguard.sse import guard_sse
 from streamguard.testing import FakeModerator
+from streamguard.testing.upstream import LoopbackUpstream, Script, sse_body, text_chunks
 from tests.conftest import other_tasks
 
 MESSAGES = [{"role": "user", "content": "Tell me a story."}]

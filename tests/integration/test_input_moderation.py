@@ -9,10 +9,10 @@ from openai import AsyncOpenAI
 from openai.types.chat import ChatCompletionMessageParam
 
 import streamguard as sg
-from streamguard._upstream import LoopbackUpstream, Script, text_chunks
 from streamguard.report import VerdictEvent
 from streamguard.sources import input_text
 from streamguard.testing import FakeModerator
+from streamguard.testing.upstream import LoopbackUpstream, Script, text_chunks
 
 ANSWER = [" A", " calm", " answer", " about", " gardens", " and", " rivers", "."]
 

@@ -12,10 +12,10 @@ import anyio
 import openai
 import pytest
 
-from streamguard._upstream import LoopbackUpstream, Reply, keyword_moderation
 from streamguard.exceptions import ConfigError, ModerationError
 from streamguard.moderation import OpenAIModerator, Verdict
 from streamguard.policy import Policy
+from streamguard.testing.upstream import LoopbackUpstream, Reply, keyword_moderation
 
 PATH = "/v1/moderations"
 

@@ -23,8 +23,8 @@ from openai import AsyncOpenAI
 from playwright.async_api import Page, async_playwright, expect
 
 from streamguard import Policy
-from streamguard._upstream import LoopbackUpstream, Script, text_chunks
 from streamguard.integrations.proxy import ProxyConfig, create_app
+from streamguard.testing.upstream import LoopbackUpstream, Script, text_chunks
 from tests.integration._servers import serve_in_thread
 
 PROMPT = "Tell me a story about a castle."

@@ -16,8 +16,8 @@ from openai import AsyncOpenAI
 from openai.types.chat import ChatCompletionMessageParam
 
 from streamguard import Policy
-from streamguard._upstream import LoopbackUpstream, Reply, Script, keyword_moderation, text_chunks
 from streamguard.integrations.proxy import ProxyConfig, create_app
+from streamguard.testing.upstream import LoopbackUpstream, Reply, Script, keyword_moderation, text_chunks
 from tests.integration._servers import recording_upstream, serve_in_thread
 
 MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Tell me a story."}]

@@ -11,8 +11,8 @@ import pytest
 from openai import AsyncOpenAI
 
 import streamguard as sg
-from streamguard._upstream import LoopbackUpstream, Script
 from streamguard.testing import FakeModerator
+from streamguard.testing.upstream import LoopbackUpstream, Script
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "streams"
 RECORDINGS = sorted(FIXTURES.glob("cc_*.sse"))

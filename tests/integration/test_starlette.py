@@ -19,9 +19,9 @@ from starlette.routing import Route
 from starlette.types import Message
 
 from streamguard import Policy
-from streamguard._upstream import LoopbackUpstream, Reply, Script, text_chunks
 from streamguard.integrations.starlette import GuardedSSEResponse
 from streamguard.testing import FakeModerator
+from streamguard.testing.upstream import LoopbackUpstream, Reply, Script, text_chunks
 from tests.conftest import other_tasks
 from tests.integration._servers import serve_in_thread
 

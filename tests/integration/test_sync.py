@@ -16,10 +16,10 @@ from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageParam
 
 from streamguard import _sync
 from streamguard._sync import SyncGuardedStream, guard_sync, run_on_bridge
-from streamguard._upstream import LoopbackUpstream, Reply, Script, keyword_moderation, text_chunks
 from streamguard.exceptions import ModerationError
 from streamguard.policy import Policy
 from streamguard.testing import FakeModerator
+from streamguard.testing.upstream import LoopbackUpstream, Reply, Script, keyword_moderation, text_chunks
 from streamguard.wrap import wrap
 
 MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Tell me a story."}]

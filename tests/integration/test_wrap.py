@@ -11,11 +11,11 @@ import pytest
 from openai import AsyncOpenAI
 from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageParam
 
-from streamguard._upstream import LoopbackUpstream, Reply, Script, keyword_moderation, text_chunks
 from streamguard.exceptions import ModerationError
 from streamguard.guard import GuardedStream
 from streamguard.policy import Policy
 from streamguard.testing import FakeModerator
+from streamguard.testing.upstream import LoopbackUpstream, Reply, Script, keyword_moderation, text_chunks
 from streamguard.wrap import wrap
 from tests.conftest import other_tasks
 

@@ -7,7 +7,7 @@
 - ``streamguard serve --upstream URL`` runs the OpenAI-compatible moderating proxy.
 - ``streamguard replay FILE.sse`` serves a recorded Chat Completions stream from loopback and
   guards it.
-- ``streamguard bench`` runs the benchmark suite (``streamguard._bench``).
+- ``streamguard bench`` runs the benchmark suite (``streamguard.cli._bench``).
 
 Errors are one line on stderr: exit code 2 for bad arguments (and what needs a key or is not
 supported), 1 for a missing or malformed file and failures while running.
@@ -26,17 +26,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from .exceptions import ConfigError
-from .integrations.proxy import add_serve_subcommand  # imports no starlette until it runs
-from .policy import Policy
+from ..exceptions import ConfigError
+from ..integrations.proxy import add_serve_subcommand  # imports no starlette until it runs
+from ..policy import Policy
 
 if TYPE_CHECKING:
     from openai import AsyncOpenAI
     from openai.types.chat import ChatCompletionChunk
     from rich.console import Console
 
-    from .moderation import Moderator
-    from .report import Flag, GuardReport
+    from ..moderation import Moderator
+    from ..report import Flag, GuardReport
 
 __all__ = ["main"]
 
@@ -284,9 +284,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _demo_offline(args: argparse.Namespace, policy: Policy) -> int:
     from openai import AsyncOpenAI
 
+    from ..moderation import KeywordModerator, LocalModerator
+    from ..testing.upstream import LoopbackUpstream, Script, text_chunks
     from ._demo_data import DEMO_ANSWER, DEMO_KEYWORDS, DEMO_MODEL, DEMO_PROMPT, word_deltas
-    from ._upstream import LoopbackUpstream, Script, text_chunks
-    from .moderation import KeywordModerator, LocalModerator
 
     console = _console(args)
     moderator: Moderator
@@ -341,8 +341,8 @@ def _demo_online(args: argparse.Namespace, policy: Policy) -> int:
     """The same demo against the real API (not exercised by the tests: it needs a key)."""
     from openai import AsyncOpenAI
 
+    from ..moderation import KeywordModerator, LocalModerator, OpenAIModerator
     from ._demo_data import DEMO_KEYWORDS, DEMO_PROMPT
-    from .moderation import KeywordModerator, LocalModerator, OpenAIModerator
 
     console = _console(args)
     model = args.model or "gpt-4o-mini"
@@ -394,7 +394,7 @@ async def _demo(demo: _DemoRun, console: Console, *, live: bool) -> int:
     from rich.live import Live
     from rich.panel import Panel
 
-    from . import guard
+    from .. import guard
     from ._render import Transcript, print_report, status_line
 
     console.print(demo.header, style="dim", markup=False, soft_wrap=True)
@@ -480,7 +480,7 @@ async def _demo(demo: _DemoRun, console: Console, *, live: bool) -> int:
 
 def _warm_up(model: str) -> None:
     """Load the token encoding now: the first stream of a process would otherwise pay for it."""
-    from .usage import count_tokens
+    from ..usage import count_tokens
 
     count_tokens("warm up", model)
 
@@ -567,8 +567,8 @@ def _read_recording(path: Path) -> _Recording:
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
-    from ._upstream import LoopbackUpstream, Script
-    from .moderation import KeywordModerator, LocalModerator
+    from ..moderation import KeywordModerator, LocalModerator
+    from ..testing.upstream import LoopbackUpstream, Script
 
     recording = _read_recording(args.file)
     policy = _policy(args)
@@ -633,7 +633,7 @@ async def _replay(
     tools: list[dict[str, Any]] | None,
     n: int,
 ) -> int:
-    from . import guard
+    from .. import guard
     from ._render import Transcript, print_report
 
     _warm_up(model)

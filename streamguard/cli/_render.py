@@ -17,7 +17,7 @@ from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from .report import Flag, GuardReport
+from ..report import Flag, GuardReport
 
 __all__ = ["Transcript", "flag_label", "ms", "report_tables", "status_line"]
 

@@ -1,6 +1,6 @@
 """The benchmark suite behind ``streamguard bench`` (and ``benchmarks/latency.py``).
 
-Everything runs against the loopback upstream (``_upstream.py``: real uvicorn, real SSE) through
+Everything runs against the loopback upstream (``streamguard.testing.upstream``: real uvicorn, real SSE) through
 the real ``openai`` client, in one process, side by side:
 
 a. CPU time per chunk, guarded vs raw iteration of the same stream (``KeywordModerator``, the
@@ -35,12 +35,12 @@ from typing import Any
 
 import anyio
 
-from .guard import guard
-from .moderation import KeywordModerator, OpenAIModerator, Verdict
-from .policy import Mode, Policy
-from .report import GuardReport, VerdictEvent
-from .testing import FakeModerator
-from .usage import count_tokens
+from ..guard import guard
+from ..moderation import KeywordModerator, OpenAIModerator, Verdict
+from ..policy import Mode, Policy
+from ..report import GuardReport, VerdictEvent
+from ..testing import FakeModerator
+from ..usage import count_tokens
 
 __all__ = ["Config", "run_suite"]
 
@@ -139,7 +139,7 @@ def stats(values: Sequence[float]) -> dict[str, float]:
 
 def _chat(body: dict[str, Any]) -> Any:
     """Loopback chat handler: the request's ``bench`` field says what to stream."""
-    from ._upstream import Script, sse_body, text_chunks
+    from ..testing.upstream import Script, sse_body, text_chunks
 
     spec = body.get("bench") or {}
     deltas = words_of(int(spec.get("words", 20)), seed=int(spec.get("seed", 7)), trigger_at=spec.get("trigger_at"))
@@ -355,7 +355,7 @@ def _plan(config: Config) -> int:
 async def _suite(config: Config, tick: Callable[[str], None]) -> dict[str, Any]:
     from openai import AsyncOpenAI
 
-    from ._upstream import LoopbackUpstream, keyword_moderation
+    from ..testing.upstream import LoopbackUpstream, keyword_moderation
 
     plain = keyword_moderation(())
     started = time.perf_counter()

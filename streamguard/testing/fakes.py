@@ -1,4 +1,4 @@
-"""Public fakes for testing code that uses streamguard: no network, no servers.
+"""Fakes for testing code that uses streamguard: no network, no servers.
 
 - :func:`chat_chunk` builds one ``ChatCompletionChunk``.
 - :func:`scripted_chunks` is an in-process stand-in for ``AsyncStream[ChatCompletionChunk]`` that
@@ -16,7 +16,7 @@ from typing import Any, Literal
 import anyio
 from openai.types.chat import ChatCompletionChunk
 
-from .moderation._base import Verdict
+from ..moderation._base import Verdict
 
 __all__ = ["FakeModerator", "ScriptedStream", "chat_chunk", "scripted_chunks"]
 
