@@ -1,4 +1,4 @@
-"""The ``streamguard`` command: ``demo``, ``replay``, ``bench`` and ``serve``.
+"""The ``streamguard`` command: ``demo``, ``replay``, ``bench``, ``eval`` and ``serve``.
 
 - ``streamguard demo`` streams a bundled answer from an embedded loopback server (no key, no
   network), guards it through the real ``openai`` client with the offline ``LocalModerator`` and
@@ -7,12 +7,15 @@
 - ``streamguard serve --upstream URL`` runs the OpenAI-compatible moderating proxy.
 - ``streamguard replay FILE.sse`` serves a recorded Chat Completions stream from loopback and
   guards it.
-- ``streamguard bench`` runs the benchmark suite (``streamguard.cli._bench``).
+- ``streamguard bench`` runs the benchmark suite (``streamguard.cli._bench``); with ``--upstream URL``
+  it measures what the guard adds to your own model and moderator (``streamguard.cli._bench_upstream``).
+- ``streamguard eval --data FILE.jsonl`` measures a moderator on labelled texts, whole and windowed
+  (``streamguard.cli._eval``).
 
 Errors are one line on stderr: exit code 2 for bad arguments (and what needs a key or is not
 supported), 1 for a missing or malformed file and failures while running.
 
-One module per command (``demo``, ``replay``, ``bench``, ``serve``), each with ``add_parser`` and ``run``;
+One module per command (``demo``, ``replay``, ``bench``, ``eval``, ``serve``), each with ``add_parser`` and ``run``;
 ``_common`` holds what they share and ``_render`` the terminal rendering.
 """
 
@@ -24,7 +27,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from ..exceptions import ConfigError
-from . import bench, demo, replay, serve
+from . import bench, demo, eval, replay, serve
 from ._common import CLIError, Parser
 
 __all__ = ["main"]
@@ -60,13 +63,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _fail(args: argparse.Namespace, message: str) -> None:
-    print(f"streamguard {args.command}: error: {message}", file=sys.stderr)
+    from ._moderators import Secrets
+
+    print(f"streamguard {args.command}: error: {Secrets.from_env().scrub(message)}", file=sys.stderr)
 
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="streamguard", description="Moderate streamed OpenAI chat completions.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
-    for command in (demo, replay, bench, serve):
+    for command in (demo, replay, bench, eval, serve):
         command.add_parser(sub)
     return parser

@@ -4,8 +4,8 @@
   :func:`scripted_chunks`, :class:`ScriptedStream`, :class:`FakeModerator`.
 - :mod:`streamguard.testing.upstream`: :class:`LoopbackUpstream`, a scriptable OpenAI-compatible
   server on 127.0.0.1 (real HTTP and SSE; needs the ``[server]`` extra when started), with
-  :class:`Script` / :class:`Reply` and the handlers :func:`keyword_moderation` and
-  :func:`hashed_embeddings`.
+  :class:`Script` / :class:`Reply` and the handlers :func:`story_chat`, :func:`keyword_moderation`
+  and :func:`hashed_embeddings`. ``python -m streamguard.testing`` serves it from the command line.
 
 Like Starlette's test client, this ships with the package; the core (``import streamguard``)
 never imports it.
@@ -22,6 +22,7 @@ from .upstream import (
     hashed_vector,
     keyword_moderation,
     sse_body,
+    story_chat,
     text_chunks,
 )
 
@@ -37,5 +38,6 @@ __all__ = [
     "ScriptedStream",
     "scripted_chunks",
     "sse_body",
+    "story_chat",
     "text_chunks",
 ]

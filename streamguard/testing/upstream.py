@@ -12,6 +12,7 @@ import base64
 import hashlib
 import json
 import math
+import random
 import re
 import struct
 import threading
@@ -31,6 +32,7 @@ __all__ = [
     "hashed_vector",
     "keyword_moderation",
     "sse_body",
+    "story_chat",
     "text_chunks",
 ]
 
@@ -77,6 +79,7 @@ EmbeddingsHandler = Callable[[dict[str, Any]], Reply]
 class _Stats:
     lock: threading.Lock = field(default_factory=threading.Lock)
     requests: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    headers: list[tuple[str, dict[str, str]]] = field(default_factory=list)
     started: int = 0
     completed: int = 0
     aborted: int = 0
@@ -94,6 +97,7 @@ class LoopbackUpstream:
             :func:`keyword_moderation` with no words (nothing flagged).
         embeddings: Maps a ``/v1/embeddings`` request body to a :class:`Reply`; by default a
             404 error (no embeddings model).
+        port: The port to listen on; 0 (the default) picks a free one.
 
     Use as a context manager; ``base_url`` is what ``AsyncOpenAI(base_url=...)`` takes.
     """
@@ -104,6 +108,7 @@ class LoopbackUpstream:
         chat: ChatHandler | None = None,
         moderation: ModerationHandler | None = None,
         embeddings: EmbeddingsHandler | None = None,
+        port: int = 0,
     ) -> None:
         self.chat = chat or (lambda body: Script(text_chunks(["Hello", " world", "."])))
         self.moderation = moderation or keyword_moderation(())
@@ -111,7 +116,7 @@ class LoopbackUpstream:
         self._stats = _Stats()
         self._server: Any = None
         self._thread: threading.Thread | None = None
-        self.port = 0
+        self.port = port
 
     @property
     def base_url(self) -> str:
@@ -122,6 +127,12 @@ class LoopbackUpstream:
         """(path, JSON body) of every request so far."""
         with self._stats.lock:
             return list(self._stats.requests)
+
+    @property
+    def request_headers(self) -> list[tuple[str, dict[str, str]]]:
+        """(path, headers with lower-case names) of every request so far."""
+        with self._stats.lock:
+            return list(self._stats.headers)
 
     def count(self, path: str) -> int:
         """Requests received for one path, e.g. ``"/v1/moderations"``."""
@@ -158,7 +169,7 @@ class LoopbackUpstream:
         import uvicorn
 
         config = uvicorn.Config(
-            self._app(), host="127.0.0.1", port=0, log_level="critical", lifespan="off", access_log=False
+            self._app(), host="127.0.0.1", port=self.port, log_level="critical", lifespan="off", access_log=False
         )
         server = uvicorn.Server(config)
         self._server = server
@@ -194,6 +205,7 @@ class LoopbackUpstream:
                 body = {"_raw": raw.decode("utf-8", "replace")}
             with stats.lock:
                 stats.requests.append((request.url.path, body))
+                stats.headers.append((request.url.path, dict(request.headers)))
             return dict(body) if isinstance(body, dict) else {"_body": body}
 
         async def reply(r: Reply) -> Response:
@@ -333,6 +345,70 @@ def keyword_moderation(words: Sequence[str], *, category: str = "violence") -> M
         return Reply({"id": "modr-loopback", "model": model, "results": results})
 
     return handler
+
+
+_STORY_VOCAB = (
+    "the a of and to in is that it for on with as was at by from this an not which one all river light "
+    "stone window garden morning letter quiet harbour ledger wind north paper bridge market careful bright "
+    "slowly under before after across small old green long early late open walked wrote carried opened "
+    "watched kept turned answered painted gathered counted folded"
+).split()
+
+
+def story_chat(
+    *, words: int = 60, delay: float = 0.01, first_delay: float = 0.0, flag_words: Sequence[str] = ()
+) -> ChatHandler:
+    """A chat handler that streams a made-up answer, deterministic per prompt, with usage.
+
+    The answer is ``words`` words (``max_tokens`` / ``max_completion_tokens`` cut it shorter, with
+    ``finish_reason="length"``), one chunk per word after ``first_delay`` and then every ``delay``
+    seconds. A word of ``flag_words`` that appears in the last user message is repeated halfway
+    through the answer, so a moderator that flags it flags the answer mid-stream. The usage chunk
+    is sent when the request asks for it (``stream_options.include_usage``).
+    """
+
+    def handler(body: dict[str, Any]) -> Script:
+        prompt = _last_user_text(body.get("messages"))
+        seed = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:8], "big")
+        rng = random.Random(seed)
+        answer = [rng.choice(_STORY_VOCAB) for _ in range(words)]
+        for i in range(11, words, 12):
+            answer[i] += "."
+        hits = [w for w in flag_words if re.search(rf"\b{re.escape(w)}\b", prompt, re.I)]
+        if hits and words:
+            answer[words // 2] = hits[0]
+        limit = body.get("max_completion_tokens") or body.get("max_tokens")
+        finish = "stop"
+        if isinstance(limit, int) and 0 < limit < len(answer):
+            answer, finish = answer[:limit], "length"
+        deltas = [w if i == 0 else " " + w for i, w in enumerate(answer)]
+        options = body.get("stream_options")
+        usage = None
+        if isinstance(options, dict) and options.get("include_usage"):
+            prompt_tokens = max(1, len(prompt.split()))
+            usage = {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": len(deltas),
+                "total_tokens": prompt_tokens + len(deltas),
+            }
+        model = str(body.get("model") or "gpt-4o-mini")
+        events = text_chunks(deltas, model=model, finish_reason=finish, usage=usage)
+        return Script(events, delay=delay, first_delay=first_delay)
+
+    return handler
+
+
+def _last_user_text(messages: object) -> str:
+    if not isinstance(messages, list):
+        return ""
+    for message in reversed(messages):
+        if isinstance(message, dict) and message.get("role") == "user":
+            content = message.get("content")
+            if isinstance(content, str):
+                return content
+            if isinstance(content, list):
+                return " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+    return ""
 
 
 _HASHED_DIMS = 64

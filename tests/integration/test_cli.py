@@ -16,6 +16,7 @@ RECORDED_TEXT = (
     "I'm unable to provide real-time weather updates. To get the current weather in San Francisco, "
     "I recommend checking a reliable weather website or a weather app."
 )
+LABELLED = ROOT / "tests" / "fixtures" / "cli" / "xstest_sample.jsonl"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -135,7 +136,17 @@ def test_demo_with_model_but_no_key_exits_2() -> None:
         (None, ("demo", "--window", "8", "--first-window", "10"), 2, "first_window_chars"),
         (None, ("replay", str(RECORDING), "--speed", "-1"), 2, "must be >= 0"),
         (None, ("replay", str(RECORDING), "--moderator", "keyword"), 2, "needs --keywords"),
-        (None, ("bench", "--repeats", "3"), 2, "unrecognized arguments"),
+        (None, ("bench", "--quiet"), 2, "unrecognized arguments"),
+        (None, ("bench", "--repeats", "3"), 2, "--repeats goes with --upstream URL"),
+        (None, ("bench", "--upstream", "http://127.0.0.1:9/v1"), 2, "--upstream needs --model"),
+        (None, ("bench", "--upstream", "http://127.0.0.1:9/v1", "--model", "m", "--quick"), 2, "--quick is for the"),
+        (None, ("bench", "--upstream", "http://127.0.0.1:9/v1", "--model", "m", "--windows", "60,0"), 2, ">= 1"),
+        (None, ("bench", "--upstream", "http://127.0.0.1:9/v1", "--model", "m", "--policies", "fast"), 2, "policy"),
+        (None, ("bench", "--upstream", "http://127.0.0.1:9/v1", "--model", "m"), 2, "needs an API key"),
+        (None, ("eval",), 2, "--data"),
+        (None, ("eval", "--data", "no-such-file.jsonl"), 1, "no such file"),
+        ('{"text": "hi", "flagged": true}\n{"text": 1}\n', ("eval", "--data"), 1, ":2: expected"),
+        (None, ("eval", "--data", str(LABELLED), "--keywords", "kill"), 2, "--keywords goes with --moderator keyword"),
     ],
 )
 def test_bad_input_is_one_line_and_non_zero(
