@@ -59,7 +59,8 @@ class Policy:
             releasing only text with a clean verdict; ``"fail_open"`` lets the text through and
             records it in ``GuardReport.unmoderated``.
         thresholds: Category -> minimum score that flags, on ``category_scores``; applies in
-            addition to the backend's own per-category flags for categories not listed here.
+            addition to the backend's own per-category flags for categories not listed here. A
+            category listed here that has no score keeps the backend's own flag.
         ignore_categories: Categories that never flag.
         moderate_input: Also moderate the request's messages (the ``messages`` given to
             ``guard``), concurrently with upstream's generation, never before it. In hold-back mode
@@ -124,7 +125,9 @@ class Policy:
             if threshold is not None and category not in self.ignore_categories and score >= threshold:
                 hits.append((category, score))
         for category, on in verdict.categories.items():
-            if on and category not in self.ignore_categories and category not in self.thresholds:
+            # A threshold replaces the backend's flag only where there is a score to apply it to.
+            scored = category in self.thresholds and category in verdict.scores
+            if on and category not in self.ignore_categories and not scored:
                 hits.append((category, verdict.scores.get(category)))
         if hits:
             best = max(hits, key=lambda hit: -1.0 if hit[1] is None else hit[1])

@@ -26,10 +26,12 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import anyio
 import openai
+import pydantic
+from pydantic import AllowInfNan, Strict
 
 from ..exceptions import ConfigError, ModerationError
 from ._base import Verdict
@@ -37,7 +39,6 @@ from ._batcher import Batcher
 
 if TYPE_CHECKING:
     from openai._legacy_response import LegacyAPIResponse
-    from openai.types import Moderation
 
 __all__ = ["ModerationStats", "OpenAIModerator"]
 
@@ -205,11 +206,7 @@ class OpenAIModerator(_EndpointModerator):
             tokens=_estimate_tokens(texts),
             what="moderation",
         )
-        try:
-            results = list(raw.parse().results)
-            verdicts = [_verdict(r) for r in results]
-        except (AttributeError, TypeError, ValueError) as exc:
-            raise ModerationError(f"malformed moderation response: {exc}") from exc
+        verdicts = parse_moderation(raw.content)
         if len(verdicts) != len(texts):
             raise ModerationError(f"moderation endpoint returned {len(verdicts)} results for {len(texts)} inputs")
         return verdicts
@@ -314,24 +311,54 @@ class _RateLimits:
         return wait
 
 
-def _verdict(result: Moderation) -> Verdict:
-    """A Verdict with the endpoint's own category names (``"self-harm/intent"``)."""
-    categories = {k: v for k, v in _fields(result.categories).items() if isinstance(v, bool)}
-    scores = {
-        k: float(v)
-        for k, v in _fields(result.category_scores).items()
-        if isinstance(v, int | float) and not isinstance(v, bool)
-    }
-    return Verdict(flagged=bool(result.flagged), categories=categories, scores=scores)
+# The Moderation response, validated strictly by pydantic-core straight from the JSON bytes: a
+# ``flagged`` that is missing or not a JSON boolean, a category that is not a boolean, a score that
+# is not a number is an error, never a clean verdict. ``null`` is allowed where openai's own types
+# allow it (``illicit`` of the legacy models) and means "no opinion": it is dropped.
+_Flag = Annotated[bool, Strict()]
+_Score = Annotated[float, Strict(), AllowInfNan(False)]
 
 
-def _fields(value: object) -> dict[str, object]:
-    """API-named fields of a parsed model (or of a plain dict, if the client left one)."""
-    if isinstance(value, openai.BaseModel):
-        return value.to_dict()
-    if isinstance(value, Mapping):
-        return {str(k): v for k, v in value.items()}
-    raise TypeError(f"expected an object of categories, got {type(value).__name__}")
+class _Result(pydantic.BaseModel):
+    flagged: _Flag
+    categories: dict[str, _Flag | None]
+    category_scores: dict[str, _Score | None]
+
+
+class _Body(pydantic.BaseModel):
+    results: list[_Result]
+
+
+_BODY = pydantic.TypeAdapter(_Body)
+
+
+def parse_moderation(body: bytes | str) -> list[Verdict]:
+    """Verdicts of a Moderation endpoint response body, validated strictly.
+
+    Args:
+        body: The response's JSON bytes.
+
+    Returns:
+        One :class:`Verdict` per result, with the endpoint's own category names.
+
+    Raises:
+        ModerationError: The body is not a well-formed Moderation response.
+    """
+    try:
+        parsed = _BODY.validate_json(body)
+    except pydantic.ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors(include_url=False)[:3]
+        )
+        raise ModerationError(f"malformed moderation response: {problems}") from exc
+    return [
+        Verdict(
+            flagged=r.flagged,
+            categories={k: v for k, v in r.categories.items() if v is not None},
+            scores={k: v for k, v in r.category_scores.items() if v is not None},
+        )
+        for r in parsed.results
+    ]
 
 
 def _estimate_tokens(texts: Sequence[str]) -> int:

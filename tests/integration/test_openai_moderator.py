@@ -192,6 +192,9 @@ async def test_wrong_result_count_raises(upstream: LoopbackUpstream, client: ope
     [
         {"id": "modr-1", "model": "m", "results": [{"flagged": True, "categories": "yes"}]},
         {"id": "modr-1", "model": "m", "results": None},
+        {"id": "modr-1", "model": "m", "results": [{**result({"hate": True}, {"hate": 0.9}), "flagged": None}]},
+        {"id": "modr-1", "model": "m", "results": [result({"hate": "true"}, {"hate": 0.9})]},  # type: ignore[dict-item]
+        {"id": "modr-1", "model": "m", "results": [result({"hate": True}, {"hate": "high"})]},  # type: ignore[dict-item]
     ],
 )
 async def test_malformed_response_raises(

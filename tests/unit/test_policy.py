@@ -55,6 +55,8 @@ def test_defaults_are_safe_first() -> None:
             ("hate", 0.8),
         ),
         (Policy(), Verdict(True), (None, None)),
+        (Policy(thresholds={"violence": 0.5}), Verdict(True, {"violence": True}, {}), ("violence", None)),
+        (Policy(thresholds={"violence": 0.5}), Verdict(True, {"violence": True}, {"hate": 0.1}), ("violence", None)),
     ],
 )
 def test_judge(policy: Policy, verdict: Verdict, expected: tuple[str | None, float | None] | None) -> None:
