@@ -1,4 +1,10 @@
-"""A deterministic, local moderator: case-insensitive regular expressions on word boundaries."""
+"""A deterministic, local moderator: case-insensitive regular expressions on word boundaries.
+
+Patterns are matched on the normalised view of each text (``moderation_view``, in ``normalize.py``),
+so zero-width characters, soft hyphens, combining marks, fullwidth or mathematical letters,
+look-alike letters of other scripts and bidi overrides do not hide a word. Patterns go through the
+same view.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 from ..exceptions import ConfigError
 from ._base import Verdict
+from .normalize import moderation_view
 
 __all__ = ["KeywordModerator"]
 
@@ -17,8 +24,9 @@ class KeywordModerator:
     Args:
         patterns: Either an iterable of patterns (all in category ``"keyword"``) or a mapping of
             category name -> patterns. Each pattern is a regular expression, matched
-            case-insensitively; a pattern that starts or ends with a word character is anchored
-            at a word boundary there, so ``"kill"`` does not flag ``"skills"``.
+            case-insensitively on the text's normalised view; a pattern that starts or ends
+            with a word character is anchored at a word boundary there, so ``"kill"`` does not
+            flag ``"skills"``.
 
     Raises:
         ConfigError: A pattern does not compile, or no pattern was given.
@@ -28,7 +36,7 @@ class KeywordModerator:
         groups = patterns if isinstance(patterns, Mapping) else {"keyword": patterns}
         self._rules: dict[str, re.Pattern[str]] = {}
         for category, items in groups.items():
-            parts = [_bounded(p) for p in items]
+            parts = [_bounded(moderation_view(p).text) for p in items]
             if not parts:
                 continue
             try:
@@ -39,8 +47,9 @@ class KeywordModerator:
             raise ConfigError("KeywordModerator needs at least one pattern")
 
     def match(self, text: str) -> dict[str, bool]:
-        """Category -> whether it matches ``text``."""
-        return {category: rule.search(text) is not None for category, rule in self._rules.items()}
+        """Category -> whether it matches ``text`` (its normalised view)."""
+        seen = moderation_view(text).text
+        return {category: rule.search(seen) is not None for category, rule in self._rules.items()}
 
     async def moderate(self, texts: Sequence[str]) -> list[Verdict]:
         """Judge each text; never awaits, never fails."""

@@ -19,6 +19,7 @@ import anyio.to_thread
 from ..exceptions import ConfigError
 from ._base import Verdict
 from ._batcher import Batcher
+from .normalize import moderation_view
 
 __all__ = ["LocalModerator"]
 
@@ -93,7 +94,7 @@ class LocalModerator:
         Raises:
             ConfigError: The model cannot be loaded.
         """
-        scores = await self._batcher.submit(texts)
+        scores = await self._batcher.submit([moderation_view(t).text for t in texts])
         out = []
         for score in scores:
             hit = score >= self.threshold
