@@ -1,26 +1,29 @@
-"""One-line wrapping: ``client = wrap(AsyncOpenAI())`` (or ``wrap(OpenAI())``) and every answer is guarded.
+"""One-line wrapping: ``client = wrap(AsyncOpenAI())`` (or ``wrap(OpenAI())``): every door guarded.
 
-The wrapped client is a proxy: every attribute, resource and argument goes to the real client
-untouched, except
+The wrapped client is a proxy that refuses by default. Each method reached through it is, by the
+table in ``_doors.py``:
 
-- ``chat.completions.create(..., stream=True)``: a guarded stream (:func:`streamguard.guard`;
-  for a sync client :func:`streamguard.guard_sync`), used like openai's own stream (``async
-  for``, ``async with``, ``close()``);
-- ``responses.create(..., stream=True)``: likewise, with :func:`streamguard.guard_responses`;
-- the non-streamed forms of both: the answer is moderated once (one ``moderate()`` call with
-  every choice's text); a flagged choice comes back cut (empty text) or redacted, with
-  ``finish_reason="content_filter"``. The upstream object is never mutated: a copy is returned.
-- ``with_options(...)`` / ``copy(...)`` return a wrapped client.
+- **guarded**: ``chat.completions.create`` / ``parse`` / ``stream`` (also under ``beta.``) and
+  ``responses.create`` / ``parse`` / ``stream`` / ``retrieve`` / ``cancel``. Streams come back
+  guarded (:func:`streamguard.guard`, :func:`streamguard.guard_responses`; for a sync client on the
+  sync bridge), used like openai's own. A non-streamed chat answer is replayed through the guard,
+  so its windows and semantics are a stream's (``_answers.py``). The ``stream()`` and ``parse()``
+  helpers return openai's own types built from guarded text. Any truthy ``stream`` (``1``,
+  ``"true"``, ``extra_body={"stream": True}``) is sent as ``true`` and guarded as a stream.
+  ``with_raw_response`` / ``with_streaming_response`` (on a resource or the client) guard the
+  parsed body; raw bytes (``.content``, ``.text``, ``.json()``, ``.iter_bytes()``...) raise.
+- **passed**: text-free methods (files, models, embeddings, moderations, batches, images, ...),
+  returned as they are.
+- **refused**: everything else, including any method the table does not know: calling it raises
+  :class:`~streamguard.UnguardedError` naming the path and what to use instead.
 
-With ``Policy(moderate_input=True)`` the request's input is moderated concurrently with the call;
-a flagged input gives a ``content_filter`` answer (the call is cancelled if it is still running).
+``with_options(...)`` / ``copy(...)`` return a wrapped client. With ``Policy(moderate_input=True)``
+the request's input is moderated concurrently with the call; a flagged input gives a
+``content_filter`` answer (the call is cancelled if it is still running).
 
 The default moderator is :class:`~streamguard.OpenAIModerator` on the same client. For a sync
 client it is an ``AsyncOpenAI`` with the same key, base URL, organization, project and headers,
 living on the sync bridge's event loop (see ``_sync.py``).
-
-Only ``create`` is guarded: ``with_raw_response``, ``with_streaming_response``, ``parse`` and the
-``stream()`` helpers pass through unguarded.
 """
 
 from __future__ import annotations
@@ -29,23 +32,26 @@ import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Generic, TypeVar, cast
+from typing import Any, TypeVar, cast
 
 import anyio
 import openai
+from openai._resource import AsyncAPIResource, SyncAPIResource
+from openai.lib._parsing._completions import parse_chat_completion
+from openai.lib._parsing._responses import parse_response
 from openai.types.chat import ChatCompletion
-from openai.types.chat.chat_completion import Choice
 from openai.types.responses import Response
 from openai.types.responses.response import IncompleteDetails
 
+from ._answers import decide, guard_completion, guard_response
+from ._doors import door, wholly_passed
 from ._sync import SyncGuardedStream, ThreadedSource, _bridge, guard_sync, run_on_bridge
-from .exceptions import ModerationError, ModerationTimeout
+from .exceptions import UnguardedError
 from .guard import guard
-from .moderation._base import Moderator, Verdict
+from .moderation._base import Moderator
 from .moderation.openai import OpenAIModerator
-from .policy import Decision, Policy
+from .policy import Policy
 from .responses import _messages, guard_responses
 from .sources import input_text
 
@@ -55,7 +61,25 @@ logger = logging.getLogger(__name__)
 
 ClientT = TypeVar("ClientT", openai.OpenAI, openai.AsyncOpenAI)
 T = TypeVar("T")
-A = TypeVar("A", ChatCompletion, Response)
+
+_MODES = ("with_raw_response", "with_streaming_response")
+# What a raw or streaming response offers that is not the parsed (guarded) body.
+_RAW_BODY = frozenset(
+    {
+        "content",
+        "text",
+        "json",
+        "read",
+        "iter_bytes",
+        "iter_text",
+        "iter_lines",
+        "iter_raw",
+        "http_response",
+        "write_to_file",
+        "stream_to_file",
+    }
+)
+_FALSE = frozenset({"", "0", "false", "f", "no", "n", "off"})
 
 
 def wrap(client: ClientT, *, moderator: Moderator | None = None, policy: Policy | None = None) -> ClientT:
@@ -68,9 +92,8 @@ def wrap(client: ClientT, *, moderator: Moderator | None = None, policy: Policy 
         policy: As for :func:`streamguard.guard`; defaults to ``Policy()``.
 
     Returns:
-        A proxy that behaves like ``client`` (``isinstance`` included). Streamed
-        ``chat.completions.create`` / ``responses.create`` return guarded streams (typed as the
-        client's own stream classes, which they stand in for).
+        A proxy that behaves like ``client`` (``isinstance`` included) for every door it guards or
+        passes (see the module docstring).
 
     Raises:
         TypeError: ``client`` is neither ``openai.OpenAI`` nor ``openai.AsyncOpenAI``.
@@ -141,6 +164,64 @@ class _Proxy:
         return type(self._sg_target)
 
 
+def _door_attr(client: _ClientBase, target: Any, at: tuple[str, str], name: str, mode: str | None) -> Any:
+    """Attribute ``name`` of ``target`` through the door table.
+
+    ``at`` is (the path of ``target`` from the client, that path as written, views included).
+    """
+    value = getattr(target, name)
+    if name.startswith("_"):
+        return value
+    path, written = at
+    written = f"{written}.{name}" if written else name
+    if name in _MODES:
+        return _Node(value, (path, written), client, name)
+    full = f"{path}.{name}" if path else name
+    if _is_resource(value):
+        return value if wholly_passed(full) else _Node(value, (full, written), client, mode)
+    if not callable(value):
+        return value
+    rule = door(full)
+    if rule.kind == "passed":
+        return value
+    shown = f"client.{written}"
+    if rule.kind == "refused":
+        return _refused(shown, rule.advice)
+    return client._sg_guarded(full, shown, value, mode)
+
+
+def _is_resource(value: object) -> bool:
+    if isinstance(value, SyncAPIResource | AsyncAPIResource):
+        return True
+    return type(value).__name__.endswith(("WithRawResponse", "WithStreamingResponse"))
+
+
+def _refused(shown: str, advice: str) -> Callable[..., Any]:
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise UnguardedError(f"{shown}() is refused by streamguard.wrap(): {advice}")
+
+    refuse.__name__ = shown.rsplit(".", 1)[-1]
+    refuse.__qualname__ = shown
+    return refuse
+
+
+class _Node(_Proxy):
+    """A resource of the wrapped client (or its raw/streaming-response view)."""
+
+    _sg_at: tuple[str, str]
+    _sg_client: _ClientBase
+    _sg_mode: str | None
+
+    def __init__(self, target: Any, at: tuple[str, str], client: _ClientBase, mode: str | None) -> None:
+        super().__init__(target)
+        object.__setattr__(self, "_sg_at", at)
+        object.__setattr__(self, "_sg_client", client)
+        object.__setattr__(self, "_sg_mode", mode)
+
+    def __getattr__(self, name: str) -> Any:
+        return _door_attr(self._sg_client, self._sg_target, self._sg_at, name, self._sg_mode)
+
+
 class _ClientBase(_Proxy):
     _sg_moderators: _Moderators
     _sg_policy: Policy
@@ -150,6 +231,13 @@ class _ClientBase(_Proxy):
         object.__setattr__(self, "_sg_moderators", moderators)
         object.__setattr__(self, "_sg_policy", policy)
 
+    def __getattr__(self, name: str) -> Any:
+        return _door_attr(self, self._sg_target, ("", ""), name, None)
+
+    @property
+    def _moderator(self) -> Moderator:
+        return self._sg_moderators.get()
+
     def with_options(self, **options: Any) -> Any:
         """The client's ``with_options(...)``, wrapped the same way (same moderator and policy)."""
         return type(self)(self._sg_target.with_options(**options), self._sg_moderators, self._sg_policy)
@@ -158,15 +246,59 @@ class _ClientBase(_Proxy):
         """The client's ``copy(...)``, wrapped the same way."""
         return type(self)(self._sg_target.copy(**options), self._sg_moderators, self._sg_policy)
 
+    def _sg_guarded(self, path: str, shown: str, method: Callable[..., Any], mode: str | None) -> Callable[..., Any]:
+        raise NotImplementedError
+
 
 class _AsyncClient(_ClientBase):
-    @property
-    def chat(self) -> Any:
-        return _Chat(self._sg_target.chat, _AsyncCompletions(self._sg_target.chat.completions, self))
+    def _sg_guarded(self, path: str, shown: str, method: Callable[..., Any], mode: str | None) -> Callable[..., Any]:
+        api, op = _api(path)
 
-    @property
-    def responses(self) -> Any:
-        return _AsyncResponses(self._sg_target.responses, self)
+        def guard_raw(raw: Any, kwargs: Mapping[str, Any]) -> Any:
+            return _guard_async_stream(api, raw, kwargs, self._moderator, self._sg_policy)
+
+        async def guard_parsed(parsed: Any, kwargs: Mapping[str, Any]) -> Any:
+            if isinstance(parsed, openai.AsyncStream):
+                return guard_raw(parsed, kwargs)
+            return await _guard_answer(api, op, kwargs, parsed, self._moderator, self._sg_policy)
+
+        if op == "stream":
+
+            def stream(*args: Any, **kwargs: Any) -> Any:
+                return _AsyncStreamManager(method(*args, **kwargs), lambda raw: guard_raw(raw, kwargs))
+
+            return stream
+        if mode == "with_raw_response":
+
+            async def raw_call(*args: Any, **kwargs: Any) -> Any:
+                kwargs = _stream_kwargs(kwargs)
+                raw = await method(*args, **kwargs)
+                return _RawResponse(raw, await guard_parsed(raw.parse(), kwargs), shown)
+
+            return raw_call
+        if mode == "with_streaming_response":
+
+            def streaming_call(*args: Any, **kwargs: Any) -> Any:
+                kwargs = _stream_kwargs(kwargs)
+                return _AsyncStreamingManager(method(*args, **kwargs), lambda p: guard_parsed(p, kwargs), shown)
+
+            return streaming_call
+
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            kwargs = _stream_kwargs(kwargs)
+            if kwargs.get("stream") is True:
+                return guard_raw(await method(*args, **kwargs), kwargs)
+            moderator, policy = self._moderator, self._sg_policy
+            messages = _request_messages(api, kwargs)
+            if policy.moderate_input and messages:
+                answer, flagged = await _with_input_check(lambda: method(*args, **kwargs), messages, moderator, policy)
+                if flagged:
+                    answer = _input_flagged_answer(api, answer, kwargs)
+            else:
+                answer = await method(*args, **kwargs)
+            return await _guard_answer(api, op, kwargs, answer, moderator, policy)
+
+        return call
 
     async def __aenter__(self) -> _AsyncClient:
         return self
@@ -178,13 +310,54 @@ class _AsyncClient(_ClientBase):
 
 
 class _SyncClient(_ClientBase):
-    @property
-    def chat(self) -> Any:
-        return _Chat(self._sg_target.chat, _SyncCompletions(self._sg_target.chat.completions, self))
+    def _sg_guarded(self, path: str, shown: str, method: Callable[..., Any], mode: str | None) -> Callable[..., Any]:
+        api, op = _api(path)
 
-    @property
-    def responses(self) -> Any:
-        return _SyncResponses(self._sg_target.responses, self)
+        def guard_raw(raw: Any, kwargs: Mapping[str, Any]) -> Any:
+            return _guard_sync_stream(api, raw, kwargs, self._moderator, self._sg_policy)
+
+        def guard_parsed(parsed: Any, kwargs: Mapping[str, Any]) -> Any:
+            if isinstance(parsed, openai.Stream):
+                return guard_raw(parsed, kwargs)
+            return run_on_bridge(_guard_answer, api, op, kwargs, parsed, self._moderator, self._sg_policy)
+
+        if op == "stream":
+
+            def stream(*args: Any, **kwargs: Any) -> Any:
+                return _SyncStreamManager(method(*args, **kwargs), lambda raw: guard_raw(raw, kwargs))
+
+            return stream
+        if mode == "with_raw_response":
+
+            def raw_call(*args: Any, **kwargs: Any) -> Any:
+                kwargs = _stream_kwargs(kwargs)
+                raw = method(*args, **kwargs)
+                return _RawResponse(raw, guard_parsed(raw.parse(), kwargs), shown)
+
+            return raw_call
+        if mode == "with_streaming_response":
+
+            def streaming_call(*args: Any, **kwargs: Any) -> Any:
+                kwargs = _stream_kwargs(kwargs)
+                return _SyncStreamingManager(method(*args, **kwargs), lambda p: guard_parsed(p, kwargs), shown)
+
+            return streaming_call
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            kwargs = _stream_kwargs(kwargs)
+            if kwargs.get("stream") is True:
+                return guard_raw(method(*args, **kwargs), kwargs)
+            moderator, policy = self._moderator, self._sg_policy
+            messages = _request_messages(api, kwargs)
+            if policy.moderate_input and messages:
+                answer, flagged = _sync_with_input_check(lambda: method(*args, **kwargs), messages, moderator, policy)
+                if flagged:
+                    answer = _input_flagged_answer(api, answer, kwargs)
+            else:
+                answer = method(*args, **kwargs)
+            return run_on_bridge(_guard_answer, api, op, kwargs, answer, moderator, policy)
+
+        return call
 
     def close(self) -> None:
         """Close the client (and the async twin the default moderator uses, if it was made)."""
@@ -202,280 +375,241 @@ class _SyncClient(_ClientBase):
         self.close()
 
 
-class _Chat(_Proxy):
-    _sg_completions: Any
-
-    def __init__(self, chat: Any, completions: Any) -> None:
-        super().__init__(chat)
-        object.__setattr__(self, "_sg_completions", completions)
-
-    @property
-    def completions(self) -> Any:
-        return self._sg_completions
+def _api(path: str) -> tuple[str, str]:
+    """(``"chat"`` or ``"responses"``, operation) of a guarded path."""
+    parts = path.split(".")
+    return ("responses" if parts[-2] == "responses" else "chat"), parts[-1]
 
 
-class _Resource(_Proxy):
-    _sg_client: _ClientBase
+def _stream_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """``kwargs`` with ``stream`` (also one given in ``extra_body``) as a JSON boolean.
 
-    def __init__(self, resource: Any, client: _ClientBase) -> None:
-        super().__init__(resource)
-        object.__setattr__(self, "_sg_client", client)
-
-    @property
-    def _moderator(self) -> Moderator:
-        return self._sg_client._sg_moderators.get()
-
-    @property
-    def _policy(self) -> Policy:
-        return self._sg_client._sg_policy
-
-
-class _AsyncCompletions(_Resource):
-    async def create(self, **kwargs: Any) -> Any:
-        """``chat.completions.create``, guarded (see the module docstring)."""
-        create = self._sg_target.create
-        moderator, policy = self._moderator, self._policy
-        if kwargs.get("stream") is True:
-            stream = await create(**kwargs)
-            return guard(
-                stream,
-                moderator=moderator,
-                policy=policy,
-                model=kwargs.get("model"),
-                messages=kwargs.get("messages"),
-                tools=kwargs.get("tools"),
-                n=kwargs.get("n"),
-            )
-        return await _async_create(create, kwargs, _CHAT, moderator, policy)
-
-
-class _SyncCompletions(_Resource):
-    def create(self, **kwargs: Any) -> Any:
-        """``chat.completions.create``, guarded (see the module docstring)."""
-        create = self._sg_target.create
-        moderator, policy = self._moderator, self._policy
-        if kwargs.get("stream") is True:
-            return guard_sync(
-                create(**kwargs),
-                moderator=moderator,
-                policy=policy,
-                model=kwargs.get("model"),
-                messages=kwargs.get("messages"),
-                tools=kwargs.get("tools"),
-                n=kwargs.get("n"),
-            )
-        return _sync_create(create, kwargs, _CHAT, moderator, policy)
-
-
-class _AsyncResponses(_Resource):
-    async def create(self, **kwargs: Any) -> Any:
-        """``responses.create``, guarded (see the module docstring)."""
-        create = self._sg_target.create
-        moderator, policy = self._moderator, self._policy
-        if kwargs.get("stream") is True:
-            stream = await create(**kwargs)
-            return guard_responses(
-                stream, moderator=moderator, policy=policy, model=kwargs.get("model"), input=kwargs.get("input")
-            )
-        return await _async_create(create, kwargs, _RESPONSES, moderator, policy)
-
-
-class _SyncResponses(_Resource):
-    def create(self, **kwargs: Any) -> Any:
-        """``responses.create``, guarded (see the module docstring)."""
-        create = self._sg_target.create
-        moderator, policy = self._moderator, self._policy
-        if kwargs.get("stream") is True:
-            source = ThreadedSource(create(**kwargs))
-            model, input = kwargs.get("model"), kwargs.get("input")
-            inner = guard_responses(source, moderator=moderator, policy=policy, model=model, input=input)
-            return SyncGuardedStream(inner, source=source)
-        return _sync_create(create, kwargs, _RESPONSES, moderator, policy)
-
-
-# -- non-streamed calls ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Answers(Generic[A]):
-    """How the non-streamed answers of one API are guarded."""
-
-    type: type[A]
-    messages: Callable[[Mapping[str, Any]], Sequence[Mapping[str, Any]] | None]  # the request's input
-    input_flagged: Callable[[A | None, Mapping[str, Any]], A]  # the answer to a flagged input
-    moderate: Callable[[A, Moderator, Policy], Awaitable[A]]
-
-
-async def _async_create(
-    create: Callable[..., Awaitable[Any]],
-    kwargs: Mapping[str, Any],
-    answers: _Answers[A],
-    moderator: Moderator,
-    policy: Policy,
-) -> Any:
-    """A non-streamed ``create(**kwargs)``: input moderation (if the policy asks), then the answer's."""
-    messages = answers.messages(kwargs)
-    if policy.moderate_input and messages:
-        answer, flagged = await _with_input_check(lambda: create(**kwargs), messages, moderator, policy)
-        if flagged:
-            return answers.input_flagged(answer, kwargs)
-    else:
-        answer = await create(**kwargs)
-    if not isinstance(answer, answers.type):
-        return answer
-    return await answers.moderate(answer, moderator, policy)
-
-
-def _sync_create(
-    create: Callable[..., Any], kwargs: Mapping[str, Any], answers: _Answers[A], moderator: Moderator, policy: Policy
-) -> Any:
-    """:func:`_async_create` for a sync client: the call in the caller's thread, moderation on the bridge."""
-    messages = answers.messages(kwargs)
-    if policy.moderate_input and messages:
-        answer, flagged = _sync_with_input_check(lambda: create(**kwargs), messages, moderator, policy)
-        if flagged:
-            return answers.input_flagged(answer, kwargs)
-    else:
-        answer = create(**kwargs)
-    if not isinstance(answer, answers.type):
-        return answer
-    return run_on_bridge(answers.moderate, answer, moderator, policy)
-
-
-# -- non-streamed answers -------------------------------------------------------------------------
-
-
-async def moderate_completion(completion: ChatCompletion, *, moderator: Moderator, policy: Policy) -> ChatCompletion:
-    """Moderate a non-streamed chat completion: each choice's text, in one ``moderate()`` call.
-
-    Args:
-        completion: The upstream answer (not mutated).
-        moderator: Judges the texts.
-        policy: ``action``, ``redaction``, ``moderation_timeout`` and ``on_error`` apply.
-
-    Returns:
-        ``completion`` itself when nothing is flagged (or moderation failed under fail-open),
-        else a copy whose flagged choices are cut or redacted, with
-        ``finish_reason="content_filter"`` and no log-probs.
-
-    Raises:
-        ModerationError: The moderator failed under ``on_error="fail_closed"``.
+    Any truthy value streams; a string is read as pydantic reads it (``"false"``, ``"0"``, ``"no"``
+    ... are false), so upstream and the client always agree on whether the answer is a stream.
     """
-    texts: list[str] = []
-    where: list[int] = []
-    for i, choice in enumerate(completion.choices):
-        text = (choice.message.content or "") + (choice.message.refusal or "")
-        if text:
-            texts.append(text)
-            where.append(i)
-    decisions = await _decide(texts, moderator, policy)
-    flagged = {where[k] for k, decision in enumerate(decisions) if decision is not None}
-    if not flagged:
-        return completion
-    choices = [_filtered_choice(c, policy) if i in flagged else c for i, c in enumerate(completion.choices)]
-    return completion.model_copy(update={"choices": choices})
+    out = dict(kwargs)
+    extra = out.get("extra_body")
+    if isinstance(extra, Mapping) and "stream" in extra:
+        rest = {k: v for k, v in extra.items() if k != "stream"}
+        out["extra_body"] = rest
+        out["stream"] = extra["stream"]
+    if "stream" in out:
+        value = out["stream"]
+        if isinstance(value, openai.NotGiven | openai.Omit) or value is None:
+            del out["stream"]
+        elif isinstance(value, str):
+            out["stream"] = value.strip().lower() not in _FALSE
+        else:
+            out["stream"] = bool(value)
+    return out
 
 
-async def _moderate_completion(completion: ChatCompletion, moderator: Moderator, policy: Policy) -> ChatCompletion:
-    return await moderate_completion(completion, moderator=moderator, policy=policy)
+def _request_messages(api: str, kwargs: Mapping[str, Any]) -> Sequence[Mapping[str, Any]] | None:
+    if api == "chat":
+        messages = kwargs.get("messages")
+        return messages if isinstance(messages, Sequence) else None
+    return _messages(kwargs.get("input"))
 
 
-async def moderate_response(response: Response, *, moderator: Moderator, policy: Policy) -> Response:
-    """Moderate a non-streamed Responses API answer: each output text or refusal part.
-
-    A flagged part's text is emptied (cut-off: the response becomes ``status="incomplete"`` with
-    ``incomplete_details.reason == "content_filter"``) or replaced by ``policy.redaction``.
-
-    Args:
-        response: The upstream answer (not mutated).
-        moderator: Judges the texts.
-        policy: As for :func:`moderate_completion`.
-
-    Returns:
-        ``response`` itself when nothing is flagged, else a rewritten copy.
-
-    Raises:
-        ModerationError: The moderator failed under ``on_error="fail_closed"``.
-    """
-    texts: list[str] = []
-    where: list[tuple[int, int]] = []
-    for i, item in enumerate(response.output):
-        if item.type != "message":
-            continue
-        for j, part in enumerate(item.content):
-            text = part.text if part.type == "output_text" else part.refusal
-            if text:
-                texts.append(text)
-                where.append((i, j))
-    decisions = await _decide(texts, moderator, policy)
-    flagged = {where[k] for k, decision in enumerate(decisions) if decision is not None}
-    if not flagged:
-        return response
-    replacement = "" if policy.action == "cutoff" else policy.redaction
-    output = list(response.output)
-    for i, item in enumerate(output):
-        if item.type != "message" or not any(i == fi for fi, _ in flagged):
-            continue
-        parts = list(item.content)
-        for j, part in enumerate(parts):
-            if (i, j) not in flagged:
-                continue
-            if part.type == "output_text":
-                parts[j] = part.model_copy(update={"text": replacement, "annotations": [], "logprobs": None})
-            else:
-                parts[j] = part.model_copy(update={"refusal": replacement})
-        update: dict[str, Any] = {"content": parts}
-        if policy.action == "cutoff":
-            update["status"] = "incomplete"
-        output[i] = item.model_copy(update=update)
-    update = {"output": output}
-    if policy.action == "cutoff":
-        update["status"] = "incomplete"
-        update["incomplete_details"] = IncompleteDetails(reason="content_filter")
-    return response.model_copy(update=update)
+def _given(kwargs: Mapping[str, Any], name: str) -> Any:
+    return kwargs.get(name, openai.omit)
 
 
-async def _moderate_response(response: Response, moderator: Moderator, policy: Policy) -> Response:
-    return await moderate_response(response, moderator=moderator, policy=policy)
-
-
-async def _decide(texts: Sequence[str], moderator: Moderator, policy: Policy) -> list[Decision | None]:
-    """One ``moderate()`` call for ``texts`` under the policy; all ``None`` after a fail-open error."""
-    if not texts:
-        return []
-    error: ModerationError
-    try:
-        with anyio.fail_after(policy.moderation_timeout):
-            verdicts: list[Verdict] = await moderator.moderate(list(texts))
-        if len(verdicts) != len(texts):
-            raise ModerationError(f"moderator returned {len(verdicts)} verdicts for {len(texts)} texts")
-        return [policy.judge(v) for v in verdicts]
-    except ModerationError as exc:
-        error = exc
-    except TimeoutError as exc:
-        error = ModerationTimeout(f"moderation took longer than {policy.moderation_timeout}s")
-        error.__cause__ = exc
-    except Exception as exc:
-        error = ModerationError(f"moderator failed: {exc!r}")
-        error.__cause__ = exc
-    if policy.on_error == "fail_closed":
-        raise error
-    logger.warning("moderation failed; the answer goes out unmoderated (fail_open): %s", error)
-    return [None] * len(texts)
-
-
-def _filtered_choice(choice: Choice, policy: Policy) -> Choice:
-    """``choice`` cut (empty text) or redacted, ending as ``content_filter``."""
-    message = choice.message
-    fields = [name for name in ("content", "refusal") if getattr(message, name)]
-    update: dict[str, Any] = dict.fromkeys(fields, "")
-    if policy.action == "redact" and fields:
-        update[fields[0]] = policy.redaction
-    if message.annotations:
-        update["annotations"] = []  # they point into the text that is gone
-    return choice.model_copy(
-        update={"message": message.model_copy(update=update), "finish_reason": "content_filter", "logprobs": None}
+def _guard_async_stream(api: str, raw: Any, kwargs: Mapping[str, Any], moderator: Moderator, policy: Policy) -> Any:
+    if api == "chat":
+        return guard(
+            raw,
+            moderator=moderator,
+            policy=policy,
+            model=kwargs.get("model"),
+            messages=kwargs.get("messages"),
+            tools=kwargs.get("tools"),
+            n=kwargs.get("n"),
+        )
+    return guard_responses(
+        raw, moderator=moderator, policy=policy, model=kwargs.get("model"), input=kwargs.get("input")
     )
+
+
+def _guard_sync_stream(api: str, raw: Any, kwargs: Mapping[str, Any], moderator: Moderator, policy: Policy) -> Any:
+    if api == "chat":
+        return guard_sync(
+            raw,
+            moderator=moderator,
+            policy=policy,
+            model=kwargs.get("model"),
+            messages=kwargs.get("messages"),
+            tools=kwargs.get("tools"),
+            n=kwargs.get("n"),
+        )
+    source = ThreadedSource(raw)
+    inner = guard_responses(
+        source, moderator=moderator, policy=policy, model=kwargs.get("model"), input=kwargs.get("input")
+    )
+    return SyncGuardedStream(inner, source=source)
+
+
+async def _guard_answer(
+    api: str, op: str, kwargs: Mapping[str, Any], answer: object, moderator: Moderator, policy: Policy
+) -> Any:
+    """A non-streamed answer, judged; ``parse()`` answers re-parsed from the guarded text."""
+    if api == "chat" and isinstance(answer, ChatCompletion):
+        completion = await guard_completion(answer, moderator=moderator, policy=policy)
+        if op == "parse" and completion is not answer:
+            # openai's own parsing of the guarded text (a cut-off raises its ContentFilterFinishReasonError).
+            return parse_chat_completion(
+                response_format=_given(kwargs, "response_format"),
+                input_tools=_given(kwargs, "tools"),
+                chat_completion=completion,
+            )
+        return completion
+    if api == "responses" and isinstance(answer, Response):
+        response = await guard_response(answer, moderator=moderator, policy=policy)
+        if op == "parse" and response is not answer:
+            return parse_response(
+                text_format=_given(kwargs, "text_format"), input_tools=_given(kwargs, "tools"), response=response
+            )
+        return response
+    raise UnguardedError(
+        f"{api} answered with a {type(answer).__name__}, which streamguard cannot judge; nothing was returned"
+    )
+
+
+class _Closer:
+    """Stands in for the ``httpx`` response a helper stream closes: closes the guarded stream."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def close(self) -> None:
+        self._stream.close()
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+
+class _SyncStreamManager:
+    """``stream()``: openai's own manager and stream object, reading the guarded stream."""
+
+    def __init__(self, manager: Any, guard_raw: Callable[[Any], Any]) -> None:
+        self._manager = manager
+        self._guard_raw = guard_raw
+
+    def __enter__(self) -> Any:
+        stream = self._manager.__enter__()
+        guarded = self._guard_raw(stream._raw_stream)
+        stream._raw_stream = guarded  # read lazily, on the first event: nothing was read yet
+        stream._response = _Closer(guarded)
+        return stream
+
+    def __exit__(self, *exc: Any) -> None:
+        self._manager.__exit__(*exc)
+
+
+class _AsyncStreamManager:
+    """``stream()`` of an async client: openai's own manager and stream object, reading the guarded stream."""
+
+    def __init__(self, manager: Any, guard_raw: Callable[[Any], Any]) -> None:
+        self._manager = manager
+        self._guard_raw = guard_raw
+
+    async def __aenter__(self) -> Any:
+        stream = await self._manager.__aenter__()
+        guarded = self._guard_raw(stream._raw_stream)
+        stream._raw_stream = guarded  # read lazily, on the first event: nothing was read yet
+        stream._response = _Closer(guarded)
+        return stream
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self._manager.__aexit__(*exc)
+
+
+def _raw_body(shown: str, name: str) -> UnguardedError:
+    return UnguardedError(
+        f"{shown}(...).{name} is the raw body, which streamguard has not judged; use .parse() (guarded)"
+    )
+
+
+class _RawResponse(_Proxy):
+    """``with_raw_response``: headers and status as they are, ``parse()`` guarded, raw bytes refused."""
+
+    _sg_parsed: Any
+    _sg_shown: str
+
+    def __init__(self, raw: Any, parsed: Any, shown: str) -> None:
+        super().__init__(raw)
+        object.__setattr__(self, "_sg_parsed", parsed)
+        object.__setattr__(self, "_sg_shown", shown)
+
+    def parse(self, *, to: Any = None) -> Any:
+        """The guarded answer (``to=`` would re-read the raw body: refused)."""
+        if to is not None:
+            raise _raw_body(self._sg_shown, "parse(to=...)")
+        return self._sg_parsed
+
+    def __getattr__(self, name: str) -> Any:
+        if name in _RAW_BODY:
+            raise _raw_body(self._sg_shown, name)
+        return getattr(self._sg_target, name)
+
+
+class _StreamingResponse(_Proxy):
+    """``with_streaming_response``'s response: ``parse()`` guarded, raw bytes refused."""
+
+    _sg_guard: Callable[[Any], Any]
+    _sg_shown: str
+
+    def __init__(self, response: Any, guard_parsed: Callable[[Any], Any], shown: str) -> None:
+        super().__init__(response)
+        object.__setattr__(self, "_sg_guard", guard_parsed)
+        object.__setattr__(self, "_sg_shown", shown)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in _RAW_BODY:
+            raise _raw_body(self._sg_shown, name)
+        return getattr(self._sg_target, name)
+
+
+class _SyncStreamingResponse(_StreamingResponse):
+    def parse(self, *, to: Any = None) -> Any:
+        """The guarded answer."""
+        if to is not None:
+            raise _raw_body(self._sg_shown, "parse(to=...)")
+        return self._sg_guard(self._sg_target.parse())
+
+
+class _AsyncStreamingResponse(_StreamingResponse):
+    async def parse(self, *, to: Any = None) -> Any:
+        """The guarded answer."""
+        if to is not None:
+            raise _raw_body(self._sg_shown, "parse(to=...)")
+        return await self._sg_guard(await self._sg_target.parse())
+
+
+class _SyncStreamingManager:
+    def __init__(self, manager: Any, guard_parsed: Callable[[Any], Any], shown: str) -> None:
+        self._manager, self._guard, self._shown = manager, guard_parsed, shown
+
+    def __enter__(self) -> Any:
+        return _SyncStreamingResponse(self._manager.__enter__(), self._guard, self._shown)
+
+    def __exit__(self, *exc: Any) -> None:
+        self._manager.__exit__(*exc)
+
+
+class _AsyncStreamingManager:
+    def __init__(self, manager: Any, guard_parsed: Callable[[Any], Awaitable[Any]], shown: str) -> None:
+        self._manager, self._guard, self._shown = manager, guard_parsed, shown
+
+    async def __aenter__(self) -> Any:
+        return _AsyncStreamingResponse(await self._manager.__aenter__(), self._guard, self._shown)
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self._manager.__aexit__(*exc)
+
+
+def _input_flagged_answer(api: str, answer: object, kwargs: Mapping[str, Any]) -> Any:
+    return _chat_input_flagged(answer, kwargs) if api == "chat" else _response_input_flagged(answer, kwargs)
 
 
 # -- input moderation -----------------------------------------------------------------------------
@@ -483,7 +617,7 @@ def _filtered_choice(choice: Choice, policy: Policy) -> Choice:
 
 async def _input_flagged(text: str, moderator: Moderator, policy: Policy) -> bool:
     """Whether the input flags (``False`` after a fail-open error; fail-closed raises)."""
-    decisions = await _decide([text], moderator, policy)
+    decisions = await decide([text], moderator, policy)
     return decisions[0] is not None
 
 
@@ -539,12 +673,23 @@ def _sync_with_input_check(
     return answer, future.result()
 
 
-def _chat_input_flagged(answer: ChatCompletion | None, kwargs: Mapping[str, Any]) -> ChatCompletion:
-    """The content_filter answer for a flagged input: upstream's own, every choice cut, or a made-up one."""
-    cut = Policy(action="cutoff")
+def _chat_input_flagged(answer: object, kwargs: Mapping[str, Any]) -> ChatCompletion:
+    """The content_filter answer for a flagged input: upstream's own with every choice cut, or a made-up one."""
     if isinstance(answer, ChatCompletion):
-        return answer.model_copy(update={"choices": [_filtered_choice(c, cut) for c in answer.choices]})
-    choices = [
+        choices = [
+            c.model_copy(
+                update={
+                    "message": c.message.model_copy(
+                        update={"content": "", "refusal": None, "tool_calls": None, "function_call": None}
+                    ),
+                    "finish_reason": "content_filter",
+                    "logprobs": None,
+                }
+            )
+            for c in answer.choices
+        ]
+        return answer.model_copy(update={"choices": choices})
+    choices_ = [
         {"index": i, "message": {"role": "assistant", "content": ""}, "finish_reason": "content_filter"}
         for i in range(kwargs.get("n") or 1)
     ]
@@ -554,12 +699,12 @@ def _chat_input_flagged(answer: ChatCompletion | None, kwargs: Mapping[str, Any]
             "object": "chat.completion",
             "created": int(time.time()),
             "model": kwargs.get("model") or "",
-            "choices": choices,
+            "choices": choices_,
         }
     )
 
 
-def _response_input_flagged(answer: Response | None, kwargs: Mapping[str, Any]) -> Response:
+def _response_input_flagged(answer: object, kwargs: Mapping[str, Any]) -> Response:
     """The content_filter answer for a flagged input on the Responses API."""
     if isinstance(answer, Response):
         return answer.model_copy(
@@ -577,9 +722,3 @@ def _response_input_flagged(answer: Response | None, kwargs: Mapping[str, Any]) 
         incomplete_details=IncompleteDetails(reason="content_filter"),
         output=[],
     )
-
-
-_CHAT = _Answers(ChatCompletion, lambda kwargs: kwargs.get("messages"), _chat_input_flagged, _moderate_completion)
-_RESPONSES = _Answers(
-    Response, lambda kwargs: _messages(kwargs.get("input")), _response_input_flagged, _moderate_response
-)

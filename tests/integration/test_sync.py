@@ -193,9 +193,10 @@ def test_sync_non_stream_and_default_moderator(upstream: LoopbackUpstream, sync_
     upstream.chat = lambda b: Reply(body)
     with wrap(sync_client, policy=Policy(moderate_input=True)) as wrapped:
         answer = wrapped.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, extra_body={"x": 1})
-        assert answer.choices[0].message.content == ""
+        content = answer.choices[0].message.content
+        assert content and STORY.startswith(content) and "attack" not in content  # the clean prefix, as streamed
         assert answer.choices[0].finish_reason == "content_filter"
-        assert upstream.count("/v1/moderations") == 2  # the input, then the answer
+        assert upstream.count("/v1/moderations") >= 2  # the input, then the answer's windows
         assert [b for p, b in upstream.requests if p == "/v1/chat/completions"][-1]["x"] == 1
         assert [m.id for m in wrapped.models.list().data] == ["gpt-4o-mini"]
 
