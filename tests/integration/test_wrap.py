@@ -123,7 +123,7 @@ async def test_bare_form_break_and_aclose_aborts_upstream(upstream: LoopbackUpst
 
 
 async def test_non_stream_cutoff(upstream: LoopbackUpstream, client: AsyncOpenAI) -> None:
-    """A flagged non-streamed choice keeps its clean prefix and ends content_filter, as streamed; the others unchanged."""
+    """A flagged non-streamed choice keeps its clean prefix and ends content_filter; the others unchanged."""
     upstream.chat = lambda body: Reply(completion(STORY, CLEAN))
     wrapped = wrap(client, moderator=FakeModerator(["attack"]))
     with anyio.fail_after(10):
