@@ -47,7 +47,8 @@ def doors_upstream() -> Iterator[Doors]:
         if path == "/v1/moderations":
             reply = moderation(body)
             return JSONResponse(reply.body, status_code=reply.status)
-        answer = state.answer(request.method, path, body)
+        query = request.url.query
+        answer = state.answer(request.method, f"{path}?{query}" if query else path, body)
         if isinstance(answer, list):
             return Response(sse_body(answer), media_type="text/event-stream")
         return JSONResponse(answer)
