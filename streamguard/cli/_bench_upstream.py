@@ -481,12 +481,12 @@ def charts(results: dict[str, Any], round_trips: Sequence[Sequence[float]], out:
     fig.suptitle(f"{results['settings']['model']}: what the guard adds ({results['settings']['moderator']['name']})")
     names.append(save_chart(fig, out, "added_latency.png"))
 
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(rows) + 2), 4))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(rows) + 2), 4.5))
     if any(round_trips):
         ax.boxplot([list(s) or [math.nan] for s in round_trips], whis=(5, 95), showfliers=False)
         ax.set_xticks(range(1, len(rows) + 1))
         ax.set_xticklabels(labels, rotation=20, ha="right", fontsize=8)
-    ax.set_ylabel("ms per moderation call (box: quartiles; whiskers: p5-p95)")
+    ax.set_ylabel("ms per call (box: quartiles, whiskers: p5-p95)")
     ax.set_title("Moderation round trips")
     ax.grid(axis="y", alpha=0.3)
     names.append(save_chart(fig, out, "moderation_round_trip.png"))

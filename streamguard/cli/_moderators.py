@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from ..moderation import Moderator
 
 MODERATORS = ("openai", "local", "keyword")
+MIN_SECRET_CHARS = 8  # shorter values are placeholders for servers without authentication
 UPSTREAM_KEY_VARS = ("STREAMGUARD_UPSTREAM_API_KEY", "OPENAI_API_KEY")
 MODERATION_KEY_VARS = ("STREAMGUARD_MODERATION_API_KEY", "OPENAI_API_KEY")
 # The keyword moderator's words when --keywords is not given: common profanity, insults and
@@ -117,7 +118,8 @@ class Secrets:
         return secrets
 
     def add(self, value: str | None) -> None:
-        if value and value not in self.values:
+        # A placeholder such as "x" or "unused" is no secret, and replacing it would mangle the output.
+        if value and len(value) >= MIN_SECRET_CHARS and value not in self.values:
             self.values.append(value)
 
     def scrub(self, text: str) -> str:

@@ -360,11 +360,12 @@ def story_chat(
 ) -> ChatHandler:
     """A chat handler that streams a made-up answer, deterministic per prompt, with usage.
 
-    The answer is ``words`` words (``max_tokens`` / ``max_completion_tokens`` cut it shorter, with
+    The answer is ``words`` words (``max_tokens`` / ``max_completion_tokens`` cut it to that many words, with
     ``finish_reason="length"``), one chunk per word after ``first_delay`` and then every ``delay``
     seconds. A word of ``flag_words`` that appears in the last user message is repeated halfway
     through the answer, so a moderator that flags it flags the answer mid-stream. The usage chunk
-    is sent when the request asks for it (``stream_options.include_usage``).
+    (tokens counted with tiktoken; the prompt's as its text only) is sent when the request asks for
+    it (``stream_options.include_usage``).
     """
 
     def handler(body: dict[str, Any]) -> Script:
@@ -382,16 +383,19 @@ def story_chat(
         if isinstance(limit, int) and 0 < limit < len(answer):
             answer, finish = answer[:limit], "length"
         deltas = [w if i == 0 else " " + w for i, w in enumerate(answer)]
+        model = str(body.get("model") or "gpt-4o-mini")
         options = body.get("stream_options")
         usage = None
         if isinstance(options, dict) and options.get("include_usage"):
-            prompt_tokens = max(1, len(prompt.split()))
+            from ..usage import count_tokens
+
+            prompt_tokens = count_tokens(prompt, model)
+            completion_tokens = count_tokens("".join(deltas), model)
             usage = {
                 "prompt_tokens": prompt_tokens,
-                "completion_tokens": len(deltas),
-                "total_tokens": prompt_tokens + len(deltas),
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
             }
-        model = str(body.get("model") or "gpt-4o-mini")
         events = text_chunks(deltas, model=model, finish_reason=finish, usage=usage)
         return Script(events, delay=delay, first_delay=first_delay)
 
