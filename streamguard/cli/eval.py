@@ -1,5 +1,9 @@
 """``streamguard eval --data FILE.jsonl``: a moderator's precision, recall and latency on labelled texts,
-whole and windowed through the real guard (``streamguard.cli._eval``)."""
+whole and windowed through the real guard.
+
+The measuring part is importable: ``from streamguard.cli.eval import evaluate, load_samples, eval_policy``
+(``evaluate`` is a coroutine; see ``streamguard.cli._eval``).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from ._common import non_negative_int, positive_int
+from ._eval import Sample, eval_policy, evaluate, load_samples
 from ._moderators import MODERATION_KEY_VARS, add_moderator_args
+
+__all__ = ["Sample", "add_parser", "eval_policy", "evaluate", "load_samples", "run"]
 
 
 def add_parser(sub: argparse._SubParsersAction[Any]) -> None:
@@ -41,7 +48,6 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from ._eval import eval_policy, evaluate, load_samples
     from ._moderators import Secrets, moderator_info, open_moderator, require_key
     from ._report import console, html_page, make_out, meta, pyplot, rich_table, write_json
 

@@ -250,7 +250,7 @@ def test_eval_end_to_end_through_a_moderation_endpoint(stack: LoopbackUpstream, 
 async def test_evaluate_is_importable_and_windowing_can_miss() -> None:
     """``evaluate`` works with any moderator; a moderator that needs the whole text to flag (here: a text
     longer than 200 characters) flags it whole but never in a window of 60."""
-    from streamguard.cli._eval import Sample, eval_policy, evaluate
+    from streamguard.cli.eval import Sample, eval_policy, evaluate
     from streamguard.testing import FakeModerator
 
     long_text = " ".join(["word"] * 60)
