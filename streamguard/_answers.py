@@ -6,8 +6,8 @@ arguments), and the answer is rebuilt from what the guard released: a cut-off ke
 prefix and ends ``content_filter``; a redaction replaces only the flagged windows and keeps
 upstream's ``finish_reason``. Windows, verdicts and policy are exactly those of a stream.
 
-A Responses API answer is judged part by part (output text, refusal, reasoning summary and text,
-function-call arguments, custom tool input), each part in one ``moderate()`` call.
+A Responses API answer is replayed the same way, each text part (output text, refusal, reasoning
+summary and text, function-call arguments, custom tool input) as a choice of its own.
 
 The upstream object is never mutated: a choice or item that changed is a copy.
 """
@@ -217,46 +217,92 @@ def _args(function: Any, arguments: str) -> Any:
 
 
 async def guard_response(response: Response, *, moderator: Moderator, policy: Policy) -> Response:
-    """Judge a non-streamed Responses API answer, part by part.
+    """Judge a non-streamed Responses API answer with the windows and semantics of a stream.
 
-    Parts: output text and refusal of messages, summary and text of reasoning items,
-    function-call arguments and custom tool-call input. A flagged part is emptied (cut-off: the
-    item and the response become ``incomplete`` with reason ``content_filter``) or replaced by
-    ``policy.redaction``.
+    Each text part (output text and refusal of messages, summary and text of reasoning items,
+    function-call arguments, custom tool-call input) is replayed through :func:`streamguard.guard`
+    as a choice of its own. A cut-off keeps a part's clean prefix (a flagged function or tool call
+    is dropped whole, as a stream never emits it) and makes the response ``incomplete`` with reason
+    ``content_filter``; a redaction replaces only the flagged windows and keeps the status.
 
     Args:
         response: The upstream answer (not mutated).
-        moderator: Judges the parts.
-        policy: ``action``, ``redaction``, ``moderation_timeout`` and ``on_error`` apply.
+        moderator: Judges the windows.
+        policy: As for :func:`streamguard.guard` (input moderation is the caller's business).
 
     Returns:
-        ``response`` itself when nothing is flagged, else a rewritten copy.
+        ``response`` itself when every part was released unchanged, else a rewritten copy.
 
     Raises:
         ModerationError: The moderator failed under ``on_error="fail_closed"``.
     """
-    texts: list[str] = []
     where: list[tuple[int, str, int]] = []  # (output index, field, part index)
+    texts: list[str] = []
     for i, item in enumerate(response.output):
         for field, j, text in _item_texts(item):
             if text:
-                texts.append(text)
                 where.append((i, field, j))
-    decisions = await decide(texts, moderator, policy)
-    flagged = {where[k] for k, decision in enumerate(decisions) if decision is not None}
-    if not flagged:
+                texts.append(text)
+    released = await _replay_texts(texts, moderator, policy, response.model)
+    changed = {at: got for at, text, got in zip(where, texts, released, strict=True) if got != (text, False)}
+    if not changed:
         return response
-    replacement = "" if policy.action == "cutoff" else policy.redaction
-    output = list(response.output)
-    for i, item in enumerate(output):
-        hits = {(field, j) for fi, field, j in flagged if fi == i}
-        if hits:
-            output[i] = _rewrite_item(item, hits, replacement, cut=policy.action == "cutoff")
+    output: list[Any] = []
+    for i, item in enumerate(response.output):
+        hits = {(field, j): got for (fi, field, j), got in changed.items() if fi == i}
+        if not hits:
+            output.append(item)
+        elif item.type in ("function_call", "custom_tool_call") and any(cut for _, cut in hits.values()):
+            continue  # a flagged call is never handed out, not even its name
+        else:
+            output.append(_rewrite_item(item, hits))
     update: dict[str, Any] = {"output": output}
-    if policy.action == "cutoff":
+    if any(cut for _, cut in changed.values()):
         update["status"] = "incomplete"
         update["incomplete_details"] = IncompleteDetails(reason="content_filter")
     return response.model_copy(update=update)
+
+
+async def _replay_texts(
+    texts: Sequence[str], moderator: Moderator, policy: Policy, model: str
+) -> list[tuple[str, bool]]:
+    """(released text, whether it was cut) of each text, replayed through the guard as one choice each."""
+    if not texts:
+        return []
+    chunks = [
+        ChatCompletionChunk.model_validate(
+            {
+                "id": "replay",
+                "object": "chat.completion.chunk",
+                "created": 0,
+                "model": model,
+                "choices": [{"index": k, "delta": {"content": piece}, "finish_reason": None}],
+            }
+        )
+        for k, text in enumerate(texts)
+        for piece in _pieces(text)
+    ]
+    chunks += [
+        ChatCompletionChunk.model_validate(
+            {
+                "id": "replay",
+                "object": "chat.completion.chunk",
+                "created": 0,
+                "model": model,
+                "choices": [{"index": k, "delta": {}, "finish_reason": "stop"}],
+            }
+        )
+        for k in range(len(texts))
+    ]
+    policy = dataclasses.replace(policy, moderate_input=False, include_usage=False)
+    got = [_Released() for _ in texts]
+    async with guard(_replay(chunks), moderator=moderator, policy=policy, model=model, n=len(texts)) as guarded:
+        async for chunk in guarded:
+            for choice in chunk.choices:
+                got[choice.index].content += choice.delta.content or ""
+                if choice.finish_reason is not None:
+                    got[choice.index].finish_reason = choice.finish_reason
+    return [(g.content, g.finish_reason != "stop") for g in got]
 
 
 def _item_texts(item: Any) -> list[tuple[str, int, str]]:
@@ -278,31 +324,32 @@ def _item_texts(item: Any) -> list[tuple[str, int, str]]:
     return []
 
 
-def _rewrite_item(item: Any, hits: set[tuple[str, int]], replacement: str, *, cut: bool) -> Any:
+def _rewrite_item(item: Any, hits: Mapping[tuple[str, int], tuple[str, bool]]) -> Any:
+    """``item`` with the released text of each changed part."""
     update: dict[str, Any] = {}
     if item.type == "message":
         parts = list(item.content)
-        for _, j in hits:
+        for (_, j), (text, _) in hits.items():
             part = parts[j]
             if part.type == "output_text":
-                parts[j] = part.model_copy(update={"text": replacement, "annotations": [], "logprobs": None})
+                parts[j] = part.model_copy(update={"text": text, "annotations": [], "logprobs": None})
             else:
-                parts[j] = part.model_copy(update={"refusal": replacement})
+                parts[j] = part.model_copy(update={"refusal": text})
         update["content"] = parts
     elif item.type == "reasoning":
         summary, content = list(item.summary or ()), list(getattr(item, "content", None) or ())
-        for field, j in hits:
+        for (field, j), (text, _) in hits.items():
             target = summary if field == "summary" else content
-            target[j] = target[j].model_copy(update={"text": replacement})
+            target[j] = target[j].model_copy(update={"text": text})
         update["summary"] = summary
         if content:
             update["content"] = content
-        update["encrypted_content"] = None
+        update["encrypted_content"] = None  # it would carry the original reasoning
     elif item.type == "function_call":
-        update["arguments"] = replacement
+        update["arguments"] = next(iter(hits.values()))[0]
     elif item.type == "custom_tool_call":
-        update["input"] = replacement
-    if cut and "status" in type(item).model_fields:
+        update["input"] = next(iter(hits.values()))[0]
+    if any(cut for _, cut in hits.values()) and "status" in type(item).model_fields:
         update["status"] = "incomplete"
     return item.model_copy(update=update)
 
