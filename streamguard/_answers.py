@@ -29,7 +29,7 @@ from .guard import guard
 from .moderation._base import Moderator, check_verdicts
 from .policy import Decision, Policy
 
-__all__ = ["guard_completion", "guard_response"]
+__all__ = ["decide", "guard_completion", "guard_response", "replay_texts"]
 
 logger = logging.getLogger(__name__)
 
@@ -243,7 +243,7 @@ async def guard_response(response: Response, *, moderator: Moderator, policy: Po
             if text:
                 where.append((i, field, j))
                 texts.append(text)
-    released = await _replay_texts(texts, moderator, policy, response.model)
+    released = await replay_texts(texts, moderator, policy, response.model)
     changed = {at: got for at, text, got in zip(where, texts, released, strict=True) if got != (text, False)}
     if not changed:
         return response
@@ -263,7 +263,7 @@ async def guard_response(response: Response, *, moderator: Moderator, policy: Po
     return response.model_copy(update=update)
 
 
-async def _replay_texts(
+async def replay_texts(
     texts: Sequence[str], moderator: Moderator, policy: Policy, model: str
 ) -> list[tuple[str, bool]]:
     """(released text, whether it was cut) of each text, replayed through the guard as one choice each."""

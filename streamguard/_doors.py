@@ -30,6 +30,7 @@ GUARDED: frozenset[str] = frozenset(
         "responses.stream",
         "responses.retrieve",
         "responses.cancel",
+        "completions.create",
     }
 )
 
@@ -97,7 +98,6 @@ REFUSED: dict[str, str] = {
     "delete": _RAW,
     "request": _RAW,
     "get_api_list": _RAW,
-    "completions": "legacy completions are not guarded; use chat.completions.create",
     "chat.completions.retrieve": _STORED,
     "chat.completions.list": _STORED,
     "chat.completions.update": _STORED,

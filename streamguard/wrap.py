@@ -40,12 +40,14 @@ import openai
 from openai._resource import AsyncAPIResource, SyncAPIResource
 from openai.lib._parsing._completions import parse_chat_completion
 from openai.lib._parsing._responses import parse_response
+from openai.types import Completion
 from openai.types.chat import ChatCompletion
 from openai.types.responses import Response
 from openai.types.responses.response import IncompleteDetails
 
 from ._answers import decide, guard_completion, guard_response
 from ._doors import door, wholly_passed
+from ._legacy import AsyncChatChunks, AsyncLegacyStream, SyncChatChunks, SyncLegacyStream, guard_legacy
 from ._sync import SyncGuardedStream, ThreadedSource, _bridge, guard_sync, run_on_bridge
 from .exceptions import UnguardedError
 from .guard import guard
@@ -376,8 +378,10 @@ class _SyncClient(_ClientBase):
 
 
 def _api(path: str) -> tuple[str, str]:
-    """(``"chat"`` or ``"responses"``, operation) of a guarded path."""
+    """(``"chat"``, ``"responses"`` or ``"legacy"``, operation) of a guarded path."""
     parts = path.split(".")
+    if parts[0] == "completions":
+        return "legacy", parts[-1]
     return ("responses" if parts[-2] == "responses" else "chat"), parts[-1]
 
 
@@ -408,6 +412,9 @@ def _request_messages(api: str, kwargs: Mapping[str, Any]) -> Sequence[Mapping[s
     if api == "chat":
         messages = kwargs.get("messages")
         return messages if isinstance(messages, Sequence) else None
+    if api == "legacy":
+        prompt = kwargs.get("prompt")
+        return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else None
     return _messages(kwargs.get("input"))
 
 
@@ -416,6 +423,12 @@ def _given(kwargs: Mapping[str, Any], name: str) -> Any:
 
 
 def _guard_async_stream(api: str, raw: Any, kwargs: Mapping[str, Any], moderator: Moderator, policy: Policy) -> Any:
+    if api == "legacy":
+        messages = _request_messages(api, kwargs)
+        inner = guard(
+            AsyncChatChunks(raw), moderator=moderator, policy=policy, model=kwargs.get("model"), messages=messages
+        )
+        return AsyncLegacyStream(inner)
     if api == "chat":
         return guard(
             raw,
@@ -432,6 +445,12 @@ def _guard_async_stream(api: str, raw: Any, kwargs: Mapping[str, Any], moderator
 
 
 def _guard_sync_stream(api: str, raw: Any, kwargs: Mapping[str, Any], moderator: Moderator, policy: Policy) -> Any:
+    if api == "legacy":
+        messages = _request_messages(api, kwargs)
+        legacy = guard_sync(
+            SyncChatChunks(raw), moderator=moderator, policy=policy, model=kwargs.get("model"), messages=messages
+        )
+        return SyncLegacyStream(legacy)
     if api == "chat":
         return guard_sync(
             raw,
@@ -463,6 +482,8 @@ async def _guard_answer(
                 chat_completion=completion,
             )
         return completion
+    if api == "legacy" and isinstance(answer, Completion):
+        return await guard_legacy(answer, moderator=moderator, policy=policy)
     if api == "responses" and isinstance(answer, Response):
         response = await guard_response(answer, moderator=moderator, policy=policy)
         if op == "parse" and response is not answer:
@@ -609,7 +630,28 @@ class _AsyncStreamingManager:
 
 
 def _input_flagged_answer(api: str, answer: object, kwargs: Mapping[str, Any]) -> Any:
+    if api == "legacy":
+        return _legacy_input_flagged(answer, kwargs)
     return _chat_input_flagged(answer, kwargs) if api == "chat" else _response_input_flagged(answer, kwargs)
+
+
+def _legacy_input_flagged(answer: object, kwargs: Mapping[str, Any]) -> Completion:
+    """The content_filter answer to a flagged prompt: every choice empty."""
+    if isinstance(answer, Completion):
+        choices = [
+            c.model_copy(update={"text": "", "finish_reason": "content_filter", "logprobs": None})
+            for c in answer.choices
+        ]
+        return answer.model_copy(update={"choices": choices})
+    return Completion.model_validate(
+        {
+            "id": "cmpl-streamguard",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": kwargs.get("model") or "",
+            "choices": [{"index": 0, "text": "", "finish_reason": "content_filter"}],
+        }
+    )
 
 
 # -- input moderation -----------------------------------------------------------------------------

@@ -18,20 +18,20 @@ REFUSED: dict[str, tuple[Callable[[Any], Any], str]] = {
     "client.post": (lambda c: c.post("/chat/completions", body=KW, cast_to=object), "call the resource method"),
     "client.get": (lambda c: c.get("/responses/resp_1", cast_to=object), "call the resource method"),
     "client.request": (lambda c: c.request(object, None), "call the resource method"),
-    "client.completions.create": (lambda c: c.completions.create(model="m", prompt="hi"), "chat.completions.create"),
-    "client.completions.create(stream)": (
-        lambda c: c.completions.create(model="m", prompt="hi", stream=True),
-        "chat.completions.create",
+    "client.audio.transcriptions.create": (
+        lambda c: c.audio.transcriptions.create(model="whisper-1", file=b"x"),
+        "transcripts",
     ),
+    "client.beta.responses.create": (lambda c: c.beta.responses.create(model="m", input="hi"), "client.responses"),
     "client.chat.completions.retrieve": (lambda c: c.chat.completions.retrieve("c1"), "moderate them yourself"),
     "client.chat.completions.messages.list": (lambda c: c.chat.completions.messages.list("c1"), "stored answers"),
     "client.responses.input_items.list": (lambda c: c.responses.input_items.list("r1"), "stored answers"),
     "client.responses.compact": (lambda c: c.responses.compact(model="m"), "responses.create"),
     "client.beta.threads.runs.create": (lambda c: c.beta.threads.runs.create("t1", assistant_id="a"), "Assistants"),
     "client.files.content": (lambda c: c.files.content("f1"), "file bytes"),
-    "client.with_raw_response.completions.create": (
-        lambda c: c.with_raw_response.completions.create(model="m", prompt="hi"),
-        "legacy completions",
+    "client.with_raw_response.chat.completions.list": (
+        lambda c: c.with_raw_response.chat.completions.list(),
+        "stored answers",
     ),
     "client.chat.completions.with_streaming_response.list": (
         lambda c: c.chat.completions.with_streaming_response.list(),
