@@ -42,9 +42,10 @@ class StreamFormatError(StreamGuardError, ValueError):
 class UnguardedError(StreamGuardError):
     """A ``wrap()``-ed client was asked for a path that cannot be guarded.
 
-    The message names the path (``client.chat.completions.with_raw_response.create(...).content``,
-    ``client.post``, ...) and what to use instead. Nothing was sent upstream when this is raised from a
-    method call; raised from a raw-bytes accessor, the response is closed unread.
+    The message names the path (``client.post``, ``client.files.content``,
+    ``client.chat.completions.with_raw_response.create(...).content``, ...) and what to use instead.
+    Raised from a refused method, nothing was sent upstream; raised from a raw-bytes accessor of a
+    guarded answer, the raw body is never handed out (``.parse()`` gives the guarded one).
     """
 
 

@@ -86,7 +86,8 @@ def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
 
 def dump(obj: Any) -> str:
     if hasattr(obj, "model_dump_json"):
-        return str(obj.model_dump_json())
+        # warnings off: openai's generic Parsed* models warn when dumped (nothing to do with the text)
+        return str(obj.model_dump_json(warnings=False))
     if isinstance(obj, dict | list):
         return json.dumps(obj, default=str)
     return repr(obj)

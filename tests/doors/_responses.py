@@ -169,7 +169,10 @@ async def _a_streaming(resource: Any) -> list[str]:
 async def _a_helper(client: AsyncOpenAI, **kw: Any) -> list[str]:
     async with client.responses.stream(**kw) as stream:
         seen = await _a_all(stream)
-        seen.append(dump(await stream.get_final_response()))
+        try:
+            seen.append(dump(await stream.get_final_response()))
+        except RuntimeError as exc:  # openai's own reaction to a stream that ends response.incomplete
+            seen.append(str(exc))
     return seen
 
 
@@ -202,7 +205,10 @@ def _s_streaming(resource: Any) -> list[str]:
 def _s_helper(client: OpenAI, **kw: Any) -> list[str]:
     with client.responses.stream(**kw) as stream:
         seen = [dump(event) for event in stream]
-        seen.append(dump(stream.get_final_response()))
+        try:
+            seen.append(dump(stream.get_final_response()))
+        except RuntimeError as exc:  # openai's own reaction to a stream that ends response.incomplete
+            seen.append(str(exc))
     return seen
 
 
