@@ -121,73 +121,96 @@ def moderation_view(text: str) -> ModerationView:
     """
     if text.isascii():
         return ModerationView(text, text, None)
-    out: list[str] = []
-    origins: list[int] = []
-    word: list[_Letter] = []
+    chars = set(text)
+    if all(_stable(char) for char in chars):  # e.g. Chinese or Hindi text, undisguised
+        return ModerationView(text, text, None)
+    return _view(text)
+
+
+def _view(text: str) -> ModerationView:
+    """The general case, character by character (see the module docstring)."""
     fold = _fold_table()
+    # Pass 1: decompose, drop ignorables, fold each word that has an ASCII letter or is all look-alikes.
+    pieces: list[str] = []
+    kinds: list[int] = []
+    origins: list[int] = []
+    start = -1  # where the current word started in ``pieces`` (-1: not in a word)
+    latin, lookalike = False, True  # the current word: has an ASCII letter; is made of look-alikes only
     for index, char in enumerate(text):
-        for piece in _decomposed(char):
-            if _is_mark(piece):
-                if word:
-                    word[-1].marks.append((index, piece))
-                elif out and not out[-1].isascii():
-                    _append(out, origins, piece, index)
-                # else: a mark on nothing, or on ASCII punctuation: dropped
-            elif _wordy(piece, fold):
-                word.append(_Letter(index, piece, []))
-            else:
-                _flush(word, out, origins, fold)
-                _append(out, origins, fold.get(piece, piece), index)
-    _flush(word, out, origins, fold)
-    return ModerationView(text, "".join(out), origins)
+        for piece, kind in _INFO.get(char) or _info(char):
+            if kind == _WORDY:
+                if start < 0:
+                    start, latin, lookalike = len(pieces), False, True
+                latin = latin or (piece.isascii() and piece.isalpha())
+                lookalike = lookalike and (piece.isascii() or piece in fold)
+            elif kind == _OTHER:
+                if start >= 0 and (latin or lookalike):
+                    _fold_word(pieces, kinds, start, fold)
+                start = -1
+                piece = fold.get(piece, piece)
+            pieces.append(piece)
+            kinds.append(kind)
+            origins.append(index)
+    if start >= 0 and (latin or lookalike):
+        _fold_word(pieces, kinds, start, fold)
+    # Pass 2: drop marks on ASCII (or on nothing), compose the rest (NFC) with their base.
+    out: list[str] = []
+    kept: list[int] = []
+    for piece, kind, index in zip(pieces, kinds, origins, strict=True):
+        if kind >= _MARK:
+            if out and not out[-1].isascii():
+                composed = unicodedata.normalize("NFC", out[-1] + piece)
+                if len(composed) == 1:
+                    out[-1] = composed
+                    continue
+            elif kind == _MARK:
+                continue  # a mark on an ASCII character (the disguise) or on nothing
+        out.append(piece)
+        kept.append(index)
+    return ModerationView(text, "".join(out), kept)
 
 
-@dataclass
-class _Letter:
-    """A letter of the word being read: where it came from, its base character and its marks."""
-
-    index: int
-    base: str
-    marks: list[tuple[int, str]]
+def _fold_word(pieces: list[str], kinds: list[int], start: int, fold: dict[str, str]) -> None:
+    for i in range(start, len(pieces)):
+        if kinds[i] == _WORDY:
+            pieces[i] = fold.get(pieces[i], pieces[i])
 
 
-def _flush(word: list[_Letter], out: list[str], origins: list[int], fold: dict[str, str]) -> None:
-    """Emit a buffered word: folded if it has an ASCII letter or is all look-alikes."""
-    if not word:
-        return
-    folding = any(x.base.isascii() and x.base.isalpha() for x in word) or all(
-        x.base.isascii() or x.base in fold for x in word
-    )
-    for letter in word:
-        char = fold.get(letter.base, letter.base) if folding else letter.base
-        _append(out, origins, char, letter.index)
-        if not char.isascii():  # marks on an ASCII letter are the disguise: dropped
-            for index, mark in letter.marks:
-                _append(out, origins, mark, index)
-    word.clear()
+_WORDY, _OTHER, _MARK, _JAMO = 0, 1, 2, 3
+# char -> its pieces, classified; filled as characters are met (at most one entry per code point).
+_INFO: dict[str, tuple[tuple[str, int], ...]] = {}
 
 
-def _append(out: list[str], origins: list[int], char: str, index: int) -> None:
-    """Append a character, composed (NFC) with the one before where Unicode composes them."""
-    if out and _composes(char) and not out[-1].isascii():
-        composed = unicodedata.normalize("NFC", out[-1] + char)
-        if len(composed) == 1:
-            out[-1] = composed
-            return
-    out.append(char)
-    origins.append(index)
+def _info(char: str) -> tuple[tuple[str, int], ...]:
+    """NFKD of one character without default-ignorable or format characters, each piece classified."""
+    fold = _fold_table()
+    out = []
+    for piece in unicodedata.normalize("NFKD", char):
+        if _ignorable(piece):
+            continue
+        if _is_mark(piece):
+            kind = _MARK
+        elif 0x1160 <= ord(piece) <= 0x11FF:  # a Hangul vowel or final: composes with what precedes
+            kind = _JAMO
+        else:
+            kind = _WORDY if _wordy(piece, fold) else _OTHER
+        out.append((piece, kind))
+    info = _INFO[char] = tuple(out)
+    return info
 
 
-def _composes(char: str) -> bool:
-    """Whether ``char`` may compose with the character before it (a mark or a Hangul vowel/final)."""
-    return _is_mark(char) or 0x1160 <= ord(char) <= 0x11FF
-
-
-@functools.lru_cache(maxsize=8192)
-def _decomposed(char: str) -> str:
-    """NFKD of one character, without default-ignorable or format characters."""
+@functools.lru_cache(maxsize=65536)
+def _stable(char: str) -> bool:
+    """Whether ``char`` is its own view in any context: nothing to drop, fold, strip or compose."""
+    if char.isascii():
+        return True
+    fold = _fold_table()
+    if char in fold or _ignorable(char) or _is_mark(char) or 0x1100 <= ord(char) <= 0x11FF:
+        return False
     pieces = unicodedata.normalize("NFKD", char)
-    return "".join(p for p in pieces if not _ignorable(p))
+    if any(p.isascii() or p in fold or _ignorable(p) for p in pieces):
+        return False  # folds, or is a letter whose marks would be stripped
+    return unicodedata.normalize("NFC", pieces) == char
 
 
 def _ignorable(char: str) -> bool:

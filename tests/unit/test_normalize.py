@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from streamguard.moderation import KeywordModerator
-from streamguard.moderation.normalize import moderation_view
+from streamguard.moderation.normalize import _view, moderation_view
 
 FULLWIDTH = {c: chr(ord(c) - 0x21 + 0xFF01) for c in "abcdefghijklmnopqrstuvwxyz"}
 MATH_BOLD = {c: chr(0x1D41A + ord(c) - ord("a")) for c in "abcdefghijklmnopqrstuvwxyz"}
@@ -174,3 +174,21 @@ def test_lookalikes_fold_and_map_exactly(plain: str, data: st.DataObject) -> Non
     view = moderation_view(disguised)
     assert view.text == plain
     assert [view.original_offset(i) for i in range(len(plain))] == list(range(len(plain)))
+
+
+@given(
+    st.text(
+        alphabet=st.one_of(
+            st.sampled_from("привет мир всё у с о 今日は 안녕 नमस्ते Καλημέρα abc é"),
+            st.characters(codec="utf-8"),
+        ),
+        max_size=40,
+    )
+)
+def test_shortcut_agrees_with_the_general_path(text: str) -> None:
+    """A text whose characters are all their own view takes a shortcut; it gives what the general path gives."""
+    view, general = moderation_view(text), _view(text)
+    assert view.text == general.text
+    assert [view.original_offset(i) for i in range(len(view.text) + 1)] == [
+        general.original_offset(i) for i in range(len(general.text) + 1)
+    ]
