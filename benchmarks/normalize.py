@@ -18,7 +18,7 @@ from streamguard.moderation.normalize import moderation_view
 
 TEXTS = {
     "ascii": "plain english text about gardens and rivers. ",
-    "chinese": "今日はいい天気ですね、散歩に行きましょう。",
+    "japanese": "今日はいい天気ですね、散歩に行きましょう。",
     "russian": "привет, как дела у тебя сегодня? всё хорошо. ",
     "french": "café crème brûlée à la française, très bon. ",
     "disguised": "the b\u200bo\u0301m\u00adb and a \u0431\u043emb here. ",
