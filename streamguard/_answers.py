@@ -1,8 +1,8 @@
 """Non-streamed answers judged like streamed ones.
 
-A chat completion is replayed through :func:`streamguard.guard` as one chunk per choice (every
-channel: content, refusal, ``reasoning_content`` / ``reasoning``, tool-call and function-call
-arguments), and the answer is rebuilt from what the guard released: a cut-off keeps the clean
+A chat completion is replayed through :func:`streamguard.guard` as the chunks a stream would carry
+(every channel: content, refusal, ``reasoning_content`` / ``reasoning``, tool-call and function-call
+arguments, the audio transcript), and the answer is rebuilt from what the guard released: a cut-off keeps the clean
 prefix and ends ``content_filter``; a redaction replaces only the flagged windows and keeps
 upstream's ``finish_reason``. Windows, verdicts and policy are exactly those of a stream.
 
@@ -107,6 +107,9 @@ def _as_chunks(completion: ChatCompletion, choice: Any) -> list[ChatCompletionCh
             {"tool_calls": [{"index": k, "function": {"arguments": piece}}]}
             for piece in _pieces(call.function.arguments)
         ]
+    audio = message.audio
+    if audio is not None and audio.transcript:
+        deltas += [{"audio": {"id": audio.id, "transcript": piece}} for piece in _pieces(audio.transcript)]
     if message.function_call is not None:
         deltas.append({"function_call": {"name": message.function_call.name, "arguments": ""}})
         deltas += [{"function_call": {"arguments": piece}} for piece in _pieces(message.function_call.arguments)]
@@ -144,6 +147,7 @@ class _Released:
     reasoning: dict[str, str] = dataclasses.field(default_factory=dict)
     tool_args: dict[int, str] = dataclasses.field(default_factory=dict)
     function_args: str | None = None
+    transcript: str | None = None
     finish_reason: str | None = None
 
 
@@ -164,6 +168,8 @@ def _collect(chunks: Sequence[ChatCompletionChunk]) -> dict[int, _Released]:
                 out.tool_args[call.index] = out.tool_args.get(call.index, "") + (args or "")
             if delta.function_call is not None:
                 out.function_args = (out.function_args or "") + (delta.function_call.arguments or "")
+            if delta.audio is not None:
+                out.transcript = (out.transcript or "") + (delta.audio.transcript or "")
             if choice.finish_reason is not None:
                 out.finish_reason = choice.finish_reason
     return got
@@ -200,6 +206,12 @@ def _rebuilt(choice: Any, got: _Released | None) -> Any:
             update["tool_calls"] = calls or None
     if message.function_call is not None and got.function_args != message.function_call.arguments:
         update["function_call"] = None if got.function_args is None else _args(message.function_call, got.function_args)
+    audio = message.audio
+    if audio is not None and audio.transcript and got.transcript != audio.transcript:
+        # The audio speaks the transcript: once the transcript is cut or redacted, the audio goes too.
+        update["audio"] = (
+            None if got.transcript is None else audio.model_copy(update={"transcript": got.transcript, "data": ""})
+        )
     if not update and got.finish_reason == choice.finish_reason:
         return choice
     changes: dict[str, Any] = {"finish_reason": got.finish_reason or choice.finish_reason}

@@ -51,6 +51,10 @@ FIELDS: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = {
         [{"function_call": {"name": "note", "arguments": ""}}]
         + [{"function_call": {"arguments": p}} for p in (ARGS[:30], ARGS[30:])],
     ),
+    "audio_transcript": (
+        {"content": None, "audio": {"id": "audio_1", "data": "UklGRg==", "expires_at": 2, "transcript": TEXT}},
+        [{"audio": {"id": "audio_1", "transcript": p}} for p in (TEXT[:30], TEXT[30:])],
+    ),
     "content_parts": ({"content": [{"type": "text", "text": TEXT}]}, [{"content": p} for p in (TEXT[:40], TEXT[40:])]),
 }
 
