@@ -292,13 +292,12 @@ class _AsyncClient(_ClientBase):
                 return guard_raw(await method(*args, **kwargs), kwargs)
             moderator, policy = self._moderator, self._sg_policy
             messages = _request_messages(api, kwargs)
+            flagged = False
             if policy.moderate_input and messages:
                 answer, flagged = await _with_input_check(lambda: method(*args, **kwargs), messages, moderator, policy)
-                if flagged:
-                    answer = _input_flagged_answer(api, answer, kwargs)
             else:
                 answer = await method(*args, **kwargs)
-            return await _guard_answer(api, op, kwargs, answer, moderator, policy)
+            return await _guard_answer(api, op, kwargs, answer, moderator, policy, flagged)
 
         return call
 
@@ -351,13 +350,12 @@ class _SyncClient(_ClientBase):
                 return guard_raw(method(*args, **kwargs), kwargs)
             moderator, policy = self._moderator, self._sg_policy
             messages = _request_messages(api, kwargs)
+            flagged = False
             if policy.moderate_input and messages:
                 answer, flagged = _sync_with_input_check(lambda: method(*args, **kwargs), messages, moderator, policy)
-                if flagged:
-                    answer = _input_flagged_answer(api, answer, kwargs)
             else:
                 answer = method(*args, **kwargs)
-            return run_on_bridge(_guard_answer, api, op, kwargs, answer, moderator, policy)
+            return run_on_bridge(_guard_answer, api, op, kwargs, answer, moderator, policy, flagged)
 
         return call
 
@@ -469,12 +467,29 @@ def _guard_sync_stream(api: str, raw: Any, kwargs: Mapping[str, Any], moderator:
 
 
 async def _guard_answer(
-    api: str, op: str, kwargs: Mapping[str, Any], answer: object, moderator: Moderator, policy: Policy
+    api: str,
+    op: str,
+    kwargs: Mapping[str, Any],
+    answer: object,
+    moderator: Moderator,
+    policy: Policy,
+    input_flagged: bool | None = None,
 ) -> Any:
-    """A non-streamed answer, judged; ``parse()`` answers re-parsed from the guarded text."""
+    """A non-streamed answer, judged; ``parse()`` answers re-parsed from the guarded text.
+
+    ``input_flagged`` is the input verdict when the caller moderated the input alongside the call;
+    ``None``: moderate it now if the policy asks (the raw and streaming-response views).
+    """
+    upstream = answer
+    if input_flagged is None and policy.moderate_input:
+        messages = _request_messages(api, kwargs)
+        text = input_text(messages, policy.input_max_chars)[0] if messages else ""
+        input_flagged = bool(text) and await _input_flagged(text, moderator, policy)
+    if input_flagged:
+        answer = _input_flagged_answer(api, answer, kwargs)
     if api == "chat" and isinstance(answer, ChatCompletion):
         completion = await guard_completion(answer, moderator=moderator, policy=policy)
-        if op == "parse" and completion is not answer:
+        if op == "parse" and completion is not upstream:
             # openai's own parsing of the guarded text (a cut-off raises its ContentFilterFinishReasonError).
             return parse_chat_completion(
                 response_format=_given(kwargs, "response_format"),
@@ -486,7 +501,7 @@ async def _guard_answer(
         return await guard_legacy(answer, moderator=moderator, policy=policy)
     if api == "responses" and isinstance(answer, Response):
         response = await guard_response(answer, moderator=moderator, policy=policy)
-        if op == "parse" and response is not answer:
+        if op == "parse" and response is not upstream:
             return parse_response(
                 text_format=_given(kwargs, "text_format"), input_tools=_given(kwargs, "tools"), response=response
             )
