@@ -16,6 +16,7 @@ from .exceptions import (
     ModerationTimeout,
     StreamFormatError,
     StreamGuardError,
+    StreamTimeout,
     UnguardedError,
 )
 from .guard import GuardedStream, guard
@@ -61,6 +62,7 @@ __all__ = [
     "Span",
     "StreamFormatError",
     "StreamGuardError",
+    "StreamTimeout",
     "SyncGuardedStream",
     "UnguardedError",
     "UsageTracker",

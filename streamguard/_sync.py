@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import logging
+import os
 import queue
 import threading
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
@@ -113,6 +114,24 @@ def _stop_bridge() -> None:
         return
     # Bounded: a stuck close must not hang interpreter exit (the thread is a daemon anyway).
     thread.join(timeout=_EXIT_SECONDS)
+
+
+def _reset_after_fork() -> None:
+    """In a forked child the bridge thread does not exist: start a new one on first use."""
+    global _lock, _portal, _bridge_thread, _bridge_loop, _cleanups, _work, _idle, _threads, _pool_lock
+    _lock = threading.Lock()
+    _work = queue.SimpleQueue()
+    _idle = 0
+    _threads = set()
+    _pool_lock = threading.Lock()
+    _portal = None
+    _bridge_thread = None
+    _bridge_loop = None
+    _cleanups = set()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 def bridge_thread() -> threading.Thread | None:

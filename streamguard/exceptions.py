@@ -3,7 +3,8 @@
 ```
 StreamGuardError(Exception)
 ├── ConfigError(StreamGuardError, ValueError)      bad options, missing data files
-├── StreamFormatError(StreamGuardError, ValueError) malformed raw SSE (``guard_sse``)
+├── StreamFormatError(StreamGuardError, ValueError) a stream or body of a shape the guard cannot read
+├── StreamTimeout(StreamGuardError, TimeoutError)  idle_timeout / max_duration passed
 ├── UnguardedError(StreamGuardError)              ``wrap()``: a path that would bypass moderation
 └── ModerationError(StreamGuardError)              fail_closed mode; raised from the cause
     └── ModerationTimeout(ModerationError, TimeoutError)
@@ -22,6 +23,7 @@ __all__ = [
     "ModerationTimeout",
     "StreamFormatError",
     "StreamGuardError",
+    "StreamTimeout",
     "UnguardedError",
 ]
 
@@ -37,6 +39,11 @@ class ConfigError(StreamGuardError, ValueError):
 class StreamFormatError(StreamGuardError, ValueError):
     """A raw SSE body is not a chat-completions stream: invalid UTF-8 or JSON, a payload that is not
     a JSON object, or an ``{"error": ...}`` event (its message is included)."""
+
+
+class StreamTimeout(StreamGuardError, TimeoutError):
+    """Upstream sent no text for ``Policy.idle_timeout`` seconds, or the stream ran longer than
+    ``Policy.max_duration``. Text with a clean verdict was released before this is raised."""
 
 
 class UnguardedError(StreamGuardError):

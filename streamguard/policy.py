@@ -13,11 +13,14 @@ from typing import Literal
 from .exceptions import ConfigError
 from .moderation._base import Verdict
 
-__all__ = ["Decision", "Mode", "Action", "OnError", "Policy"]
+__all__ = ["CHANNELS", "Decision", "Mode", "Action", "OnError", "Policy"]
 
 Mode = Literal["holdback", "stream_first"]
 Action = Literal["cutoff", "redact"]
 OnError = Literal["fail_closed", "fail_open"]
+
+#: The kinds of model text the guard moderates (``Policy.channels``).
+CHANNELS = frozenset({"content", "refusal", "reasoning", "tool_arguments", "audio"})
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,19 @@ class Policy:
         include_usage: Yield a final usage chunk (``choices == []``) at stream end when upstream
             sent none. Turn off for consumers that index ``choices[0]`` blindly.
         close_timeout: Seconds that shielded cleanup (closing upstream) may take.
+        max_held_chars: Text read from upstream but not yet released, per stream, at which the
+            guard stops reading upstream until verdicts free room (backpressure reaches the
+            provider through TCP). ``None``: eight windows. ``GuardReport.paused_seconds`` says
+            how long reading was paused.
+        idle_timeout: Seconds without new text from upstream after which the stream ends with
+            :class:`~streamguard.StreamTimeout` (``None``: no limit). Time paused by
+            ``max_held_chars`` does not count.
+        max_duration: Seconds a stream may last in all before it ends with
+            :class:`~streamguard.StreamTimeout` (``None``: no limit).
+        channels: Which kinds of text are moderated: ``"content"``, ``"refusal"``,
+            ``"reasoning"`` (``reasoning_content`` / ``reasoning``), ``"tool_arguments"``
+            (tool-call and function-call arguments) and ``"audio"`` (transcripts). Default: all.
+            A kind left out passes unmoderated.
     """
 
     mode: Mode = "holdback"
@@ -90,6 +106,10 @@ class Policy:
     input_max_chars: int = 8000
     include_usage: bool = True
     close_timeout: float = 2.0
+    max_held_chars: int | None = None
+    idle_timeout: float | None = 300.0
+    max_duration: float | None = 3600.0
+    channels: frozenset[str] = CHANNELS
 
     def __post_init__(self) -> None:
         _choice("mode", self.mode, ("holdback", "stream_first"))
@@ -114,6 +134,18 @@ class Policy:
         for category, threshold in self.thresholds.items():
             if not 0.0 <= threshold <= 1.0:
                 raise ConfigError(f"threshold for {category!r} must be in [0, 1], got {threshold!r}")
+        for name in ("idle_timeout", "max_duration"):
+            value = getattr(self, name)
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                raise ConfigError(f"{name} must be a positive number of seconds or None, got {value!r}")
+        if self.max_held_chars is None:
+            object.__setattr__(self, "max_held_chars", 8 * self.window_chars)
+        elif self.max_held_chars < self.window_chars:
+            raise ConfigError("max_held_chars must be at least window_chars")
+        unknown = set(self.channels) - CHANNELS
+        if unknown:
+            raise ConfigError(f"unknown channels {sorted(unknown)}; known: {sorted(CHANNELS)}")
+        object.__setattr__(self, "channels", frozenset(self.channels))
         object.__setattr__(self, "thresholds", dict(self.thresholds))
         object.__setattr__(self, "ignore_categories", frozenset(self.ignore_categories))
 

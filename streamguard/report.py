@@ -28,6 +28,9 @@ class Flag:
         source: ``"output"`` (a window of generated text), ``"input"`` (the request's messages,
             with ``Policy(moderate_input=True)``; offsets are into the moderated input text) or
             ``"upstream"`` (a flag the provider itself reported in the stream).
+        channel: The text channel flagged: ``"content"``, ``"refusal"``, ``"reasoning"``,
+            ``"tool:<index>"`` (a tool call's arguments), ``"function"``, ``"audio"`` or
+            ``"input"``; offsets are into that channel's text.
     """
 
     choice: int
@@ -40,6 +43,7 @@ class Flag:
     scores: Mapping[str, float] = field(default_factory=dict)
     action: Literal["cutoff", "redact"] = "cutoff"
     source: Literal["output", "input", "upstream"] = "output"
+    channel: str = "content"
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,7 @@ class Span:
     start: int
     end: int
     reason: str = ""
+    channel: str = "content"
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,7 @@ class VerdictEvent:
     flag: Flag | None
     latency: float
     error: BaseException | None = None
+    channel: str = "content"
 
 
 @dataclass(frozen=True)
@@ -91,6 +97,10 @@ class GuardReport:
         input_moderated_chars: Characters of the request's messages sent to the moderator.
         input_truncated: Whether older messages were left out of input moderation (too long).
         error: The exception the stream ended with, if any.
+        paused_seconds: How long reading upstream was paused because ``Policy.max_held_chars``
+            of text were held (moderation slower than generation).
+        dropped: Fields or event types an adapter did not know and dropped rather than pass
+            on unmoderated.
     """
 
     flags: tuple[Flag, ...] = ()
@@ -109,6 +119,8 @@ class GuardReport:
     input_moderated_chars: int = 0
     input_truncated: bool = False
     error: BaseException | None = None
+    paused_seconds: float = 0.0
+    dropped: tuple[str, ...] = ()
 
     @property
     def moderated_per_generated(self) -> float:

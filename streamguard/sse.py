@@ -20,8 +20,6 @@ import json
 from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
 from typing import Any
 
-from openai.types.chat import ChatCompletionChunk
-
 from ._adapted import AdaptedStream
 from ._sse_parse import SSEEvent, SSEParser
 from .exceptions import StreamFormatError
@@ -110,7 +108,11 @@ class GuardedSSE(AdaptedStream[bytes]):
         )
         super().__init__(guarded)
 
-    def _convert(self, chunk: ChatCompletionChunk) -> list[bytes]:
+    def _convert(self, chunk: Any) -> list[bytes]:
+        if isinstance(chunk, RawChunk):
+            return [b"data: " + chunk.raw + b"\n\n"]  # released unchanged: its original bytes
+        if isinstance(chunk, dict):
+            return [b"data: " + json.dumps(chunk, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"]
         return [chunk_event(chunk)]
 
     def _finish(self) -> list[bytes]:
@@ -172,6 +174,16 @@ class _SSEChunks:
         await close_quietly(self._iterator if self._iterator is not None else self._body)
 
 
+class RawChunk(dict[str, Any]):
+    """A chunk dict that remembers the bytes it was decoded from."""
+
+    __slots__ = ("raw",)
+
+    def __init__(self, value: dict[str, Any], raw: bytes) -> None:
+        super().__init__(value)
+        self.raw = raw
+
+
 def _payload(data: str, event: str | None) -> dict[str, Any]:
     """One ``data:`` payload as a chunk dict, or a :class:`StreamFormatError`."""
     try:
@@ -184,4 +196,4 @@ def _payload(data: str, event: str | None) -> dict[str, Any]:
     if error is not None or event == "error":
         message = error.get("message") if isinstance(error, dict) else error
         raise StreamFormatError(f"the stream carried an error event: {message or data[:200]!r}")
-    return value
+    return RawChunk(value, data.encode())

@@ -17,30 +17,26 @@ What is counted:
   Hidden reasoning tokens of reasoning models never appear in the stream, so for those models the
   estimate is a lower bound.
 
-Counting is incremental. tiktoken first splits text into pieces with a regex, then encodes each
-piece on its own, so a piece that can no longer change as text is appended can be counted at once.
-Appending text only ever changes the last two pieces of a split (a word growing, a whitespace run
-giving its last space to the next word, ``'`` + ``r`` becoming ``'re``); each counter therefore keeps
-those two as a pending tail and re-splits only the tail plus the new delta (text from two pieces
-before a code point unassigned in Python's Unicode database stays pending, because the `regex`
-module's newer Unicode tables may split around it unlike tiktoken's). The sum equals
-``len(encoding.encode_ordinary(whole_text))``; ``tests/unit/test_usage.py`` checks this as a property.
+Counting is incremental and linear in the text: each counter keeps the text not yet encoded and,
+once it holds a batch, encodes it with tiktoken itself up to the last *firm boundary* (a space
+between an ASCII letter or digit and an ASCII letter, where every piece pattern of tiktoken's
+pre-tokenizer ends one piece and starts the next), so the sum equals
+``len(encoding.encode_ordinary(whole_text))`` whatever the Unicode version of the text;
+``tests/unit/test_usage.py`` checks this as a property. Only a run of 64 KiB without such a
+boundary is cut elsewhere (then the count may be off by a token).
 """
 
 from __future__ import annotations
 
-import functools
 import re
-import unicodedata
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
-import regex  # type: ignore[import-untyped]  # tiktoken's own dependency; \p{L} needs it
 import tiktoken
 from openai.types import CompletionUsage
 from openai.types.chat import ChatCompletionChunk
 
-from ._encodings import encoding_spec, get_encoding, peek_encoding
+from ._encodings import get_encoding, peek_encoding
 
 __all__ = [
     "DEFAULT_ENCODING",
@@ -75,9 +71,6 @@ _PROP_KEY = 3
 _ENUM_INIT = -3
 _ENUM_ITEM = 3
 _FUNC_END = 12
-
-# Pieces of a split that appended text can still change (see the module docstring).
-_HOLD_BACK = 2
 
 
 def encoding_name_for_model(model: str | None) -> str:
@@ -230,165 +223,80 @@ def _tools_tokens(tools: Sequence[Mapping[str, Any]], tokens: Callable[[str], in
     return total + _FUNC_END if tools else total
 
 
-@functools.cache
-def _splitter(encoding_name: str) -> Callable[[str], list[str]]:
-    """tiktoken's pre-tokenizer for ``encoding_name``: text -> pieces."""
-    findall: Callable[[str], list[str]] = regex.compile(encoding_spec(encoding_name).pat_str).findall
-    return findall
+# Text is encoded in batches of at least this many characters, cut at a firm piece boundary.
+_BATCH_CHARS = 2048
+# A run this long with no firm boundary is encoded anyway, keeping a short tail (see _Counter).
+_FORCE_CHARS = 65536
+_FORCE_TAIL = 64
 
 
-# Deltas kept uncounted while the encoding loads; past this, counting waits for it.
-_EARLY_DELTAS = 4096
+def _firm_boundary(text: str) -> int | None:
+    """The last offset at which tiktoken's pre-tokenizer surely starts a new piece, or None.
 
-# Text is pre-tokenized and encoded in batches of at least this many characters.
-_BATCH_CHARS = 256
+    A space with an ASCII letter or digit before it and an ASCII letter after it: every piece
+    pattern of cl100k_base and o200k_base ends a word or number before the space, and the space
+    starts the next word's piece. What is before such an offset encodes the same alone as in the
+    whole text, whatever Unicode version either side's tables know.
+    """
+    end = len(text) - 1
+    for _ in range(64):
+        i = text.rfind(" ", 1, end)
+        if i < 1:
+            return None
+        before, after = text[i - 1], text[i + 1]
+        if before.isascii() and before.isalnum() and after.isascii() and after.isalpha():
+            return i
+        end = i
+    return None
 
 
-class _IncrementalCounter:
-    """Token count of a growing text, encoding each settled regex piece once."""
+class _Counter:
+    """Token count of a growing text, in linear time: settled text is encoded once, in batches."""
 
-    __slots__ = ("_committed", "_encode", "_pending", "_split", "_stuck_at")
+    __slots__ = ("_committed", "_encoding_name", "_next", "_parts", "_size")
 
-    def __init__(self, encoding: tiktoken.Encoding) -> None:
-        self._encode = encoding.encode_ordinary
-        self._split = _splitter(encoding.name)
+    def __init__(self, encoding_name: str) -> None:
+        self._encoding_name = encoding_name
+        self._parts: list[str] = []
+        self._size = 0
+        self._next = _BATCH_CHARS
         self._committed = 0
-        self._pending = ""
-        self._stuck_at: int | None = None  # offset in _pending of the first unassigned code point
 
     def feed(self, text: str) -> None:
-        """Append ``text``."""
-        if not text:
+        self._parts.append(text)
+        self._size += len(text)
+        if self._size >= self._next:
+            self._settle()
+
+    def _settle(self) -> None:
+        encoding = peek_encoding(self._encoding_name)
+        if encoding is None and self._size < _FORCE_CHARS:
+            self._next = self._size + _BATCH_CHARS  # it is loading in a worker thread: count later
             return
-        pending = self._pending + text
-        if self._stuck_at is None and not text.isascii():
-            # `regex` may know code points that tiktoken's Rust tables do not (newer Unicode) and
-            # split around them differently; from two pieces before one, everything stays pending
-            # and is encoded by tiktoken itself. Exact, but that tail is re-split on every delta.
-            for offset, char in enumerate(text):
-                if unicodedata.category(char) == "Cn":
-                    self._stuck_at = len(self._pending) + offset
-                    break
-        if len(pending) < _BATCH_CHARS:
-            # Split and encode once per batch of text, not per delta: a delta costs an append.
-            self._pending = pending
-            return
-        pieces = self._split(pending)
-        keep = _HOLD_BACK
-        if self._stuck_at is not None:
-            end = 0
-            for index, piece in enumerate(pieces):
-                end += len(piece)
-                if end > self._stuck_at:
-                    keep = max(keep, len(pieces) - index + _HOLD_BACK)
-                    break
-        if len(pieces) <= keep:
-            self._pending = pending
-            return
-        settled = pieces[:-keep]
-        encode = self._encode
-        self._committed += sum(len(encode(piece)) for piece in settled)
-        consumed = sum(map(len, settled))
-        self._pending = pending[consumed:]
-        if self._stuck_at is not None:
-            self._stuck_at -= consumed
+        if encoding is None:
+            encoding = get_encoding(self._encoding_name)
+        text = "".join(self._parts)
+        cut = _firm_boundary(text)
+        if cut is None:
+            if len(text) < _FORCE_CHARS:
+                # No boundary yet: look again only when the text has doubled (amortised linear).
+                self._parts = [text]
+                self._next = 2 * len(text)
+                return
+            cut = len(text) - _FORCE_TAIL  # a very long run without spaces: off by a token at most
+        self._committed += len(encoding.encode_ordinary(text[:cut]))
+        rest = text[cut:]
+        self._parts = [rest] if rest else []
+        self._size = len(rest)
+        self._next = _BATCH_CHARS
 
     @property
     def tokens(self) -> int:
         """Tokens of everything fed so far."""
-        return self._committed + (len(self._encode(self._pending)) if self._pending else 0)
-
-
-# A counter per (choice index, field, tool-call index): separate texts never merge into one token.
-_Key = tuple[int, str, int]
-
-
-class _LazyCounter:
-    """Token count of a growing text, encoded only when asked (and then cached)."""
-
-    __slots__ = ("_cached", "_encode", "_parts")
-
-    def __init__(self, encoding: tiktoken.Encoding) -> None:
-        self._encode = encoding.encode_ordinary
-        self._parts: list[str] = []
-        self._cached: tuple[int, int] = (0, 0)  # (parts counted, tokens)
-
-    def feed(self, text: str) -> None:
-        self._parts.append(text)
-
-    @property
-    def tokens(self) -> int:
-        if self._cached[0] != len(self._parts):
-            self._cached = (len(self._parts), len(self._encode("".join(self._parts))))
-        return self._cached[1]
-
-
-class _ChoiceCounters:
-    """Counters for every generated text of every choice.
-
-    ``lazy``: keep the text and encode it when the count is read, instead of per batch. Used for
-    the shown text, which is read once at the end: a delta then costs one list append.
-    """
-
-    __slots__ = ("_counters", "_early", "_encoding", "_lazy", "_model")
-
-    def __init__(self, *, lazy: bool = False) -> None:
-        self._counters: dict[_Key, _IncrementalCounter | _LazyCounter] = {}
-        self._encoding: tiktoken.Encoding | None = None
-        self._lazy = lazy
-        # Text seen before the encoding was built (it loads in a worker thread, see
-        # UsageTracker.warm_up): kept, not waited for, so the first deltas never block the loop.
-        self._early: list[tuple[_Key, str]] = []
-        self._model: str | None = None
-
-    def feed(self, chunk: ChatCompletionChunk, model: str | None) -> None:
-        for choice in chunk.choices:
-            delta = getattr(choice, "delta", None)
-            if delta is None:  # e.g. Azure's asynchronous content-filter annotations
-                continue
-            index = choice.index
-            if delta.content:
-                self._feed((index, "content", 0), delta.content, model)
-            if delta.refusal:
-                self._feed((index, "refusal", 0), delta.refusal, model)
-            for call in delta.tool_calls or ():
-                if call.function is not None:
-                    self._feed((index, "tool_name", call.index), call.function.name, model)
-                    self._feed((index, "tool_arguments", call.index), call.function.arguments, model)
-            if delta.function_call is not None:
-                self._feed((index, "function_name", 0), delta.function_call.name, model)
-                self._feed((index, "function_arguments", 0), delta.function_call.arguments, model)
-
-    def _feed(self, key: _Key, text: str | None, model: str | None) -> None:
-        if not text:
-            return
-        encoding = self._encoding
-        if encoding is None:
-            encoding = peek_encoding(encoding_name_for_model(model))
-            if encoding is None and len(self._early) < _EARLY_DELTAS:
-                self._early.append((key, text))
-                self._model = model
-                return
-            self._resolve(model)
-        counter = self._counters.get(key)
-        if counter is None:
-            assert self._encoding is not None
-            kind = _LazyCounter if self._lazy else _IncrementalCounter
-            counter = self._counters[key] = kind(self._encoding)
-        counter.feed(text)
-
-    def _resolve(self, model: str | None) -> None:
-        """Build (or wait for) the encoding, then count the text kept while it loaded."""
-        self._encoding = encoding_for_model(model)
-        early, self._early = self._early, []
-        for key, text in early:
-            self._feed(key, text, model)
-
-    @property
-    def tokens(self) -> int:
-        if self._early:
-            self._resolve(self._model)
-        return sum(counter.tokens for counter in self._counters.values())
+        if not self._parts:
+            return self._committed
+        encoding = get_encoding(self._encoding_name)
+        return self._committed + len(encoding.encode_ordinary("".join(self._parts)))
 
 
 class UsageTracker:
@@ -428,9 +336,10 @@ class UsageTracker:
         self._messages = None if messages is None else list(messages)
         self._tools = None if tools is None else list(tools)
         self._upstream: CompletionUsage | None = None
-        self._generated = _ChoiceCounters()
-        self._shown = _ChoiceCounters(lazy=True)
+        self._generated: dict[tuple[int, str], _Counter] = {}
+        self._shown: dict[tuple[int, str], _Counter] = {}
         self._prompt_tokens: int | None = None
+        self._encoding_name = encoding_name_for_model(model)
 
     @property
     def model(self) -> str | None:
@@ -452,15 +361,12 @@ class UsageTracker:
         Args:
             chunk: The next chunk from upstream, before any moderation.
         """
-        if chunk.model and chunk.model != self._model:
-            # The served snapshot ("gpt-4o" -> "gpt-4o-2024-08-06") or, for an unrecognised request
-            # model (an Azure deployment name), whatever the stream names.
-            if not _is_known_model(self._model) or chunk.model.startswith(self._model or ""):
-                self._model = chunk.model
+        if chunk.model:
+            self.see_model(chunk.model)
         if chunk.usage is not None:
-            # Providers that send cumulative usage on every chunk: the last one is the total.
-            self._upstream = chunk.usage
-        self._generated.feed(chunk, self._model)
+            self.upstream(chunk.usage)
+        for index, key, text in _chunk_texts(chunk):
+            self.count(index, key, text, False)
 
     def observe_shown(self, chunk: ChatCompletionChunk) -> None:
         """Account one chunk yielded to the consumer (its text counts as shown).
@@ -468,7 +374,30 @@ class UsageTracker:
         Args:
             chunk: A chunk exactly as yielded; its ``usage``, if any, is ignored.
         """
-        self._shown.feed(chunk, self._model)
+        for index, key, text in _chunk_texts(chunk):
+            self.count(index, key, text, True)
+
+    def see_model(self, model: str) -> None:
+        """The model a chunk names: it replaces the request's when it is a snapshot of it
+        (``gpt-4o`` -> ``gpt-4o-2024-08-06``) or when the request's is not recognised."""
+        if model != self._model and (not _is_known_model(self._model) or model.startswith(self._model or "")):
+            self._model = model
+            if not self._generated and not self._shown:
+                self._encoding_name = encoding_name_for_model(model)
+
+    def upstream(self, usage: Any) -> None:
+        """Usage upstream sent (providers that send it on every chunk: the last is the total)."""
+        if isinstance(usage, Mapping):
+            usage = CompletionUsage.model_validate(usage) if _valid_usage(usage) else CompletionUsage.construct(**usage)
+        self._upstream = usage
+
+    def count(self, choice: int, key: str, text: str, shown: bool) -> None:
+        """Account ``text`` of ``choice``'s channel ``key``: generated, or (``shown``) released."""
+        counters = self._shown if shown else self._generated
+        counter = counters.get((choice, key))
+        if counter is None:
+            counter = counters[(choice, key)] = _Counter(self._encoding_name)
+        counter.feed(text)
 
     @property
     def upstream_usage(self) -> CompletionUsage | None:
@@ -483,12 +412,12 @@ class UsageTracker:
     @property
     def generated_completion_tokens(self) -> int:
         """Estimated tokens upstream generated so far, across choices (shown or not)."""
-        return self._generated.tokens
+        return sum(c.tokens for c in self._generated.values())
 
     @property
     def shown_completion_tokens(self) -> int:
         """Estimated tokens of the text shown to the consumer, across choices."""
-        return self._shown.tokens
+        return sum(c.tokens for c in self._shown.values())
 
     @property
     def estimated_prompt_tokens(self) -> int:
@@ -515,3 +444,37 @@ class UsageTracker:
         prompt = self.estimated_prompt_tokens
         completion = self.generated_completion_tokens
         return CompletionUsage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+def _valid_usage(usage: Mapping[str, Any]) -> bool:
+    return all(isinstance(usage.get(k), int) for k in ("prompt_tokens", "completion_tokens", "total_tokens"))
+
+
+def _chunk_texts(chunk: ChatCompletionChunk) -> list[tuple[int, str, str]]:
+    """(choice, counter key, text) of every generated text in ``chunk``."""
+    out: list[tuple[int, str, str]] = []
+    for choice in chunk.choices or ():
+        delta = getattr(choice, "delta", None)
+        if delta is None:  # e.g. Azure's asynchronous content-filter annotations
+            continue
+        index = choice.index
+        if delta.content:
+            out.append((index, "content", delta.content))
+        if delta.refusal:
+            out.append((index, "refusal", delta.refusal))
+        extra = delta.__pydantic_extra__ or {}
+        for name in ("reasoning_content", "reasoning"):
+            if isinstance(extra.get(name), str) and extra[name]:
+                out.append((index, "reasoning", extra[name]))
+        for call in delta.tool_calls or ():
+            if call.function is not None:
+                if call.function.name:
+                    out.append((index, f"tool_name:{call.index}", call.function.name))
+                if call.function.arguments:
+                    out.append((index, f"tool:{call.index}", call.function.arguments))
+        if delta.function_call is not None:
+            if delta.function_call.name:
+                out.append((index, "tool_name", delta.function_call.name))
+            if delta.function_call.arguments:
+                out.append((index, "function", delta.function_call.arguments))
+    return out

@@ -15,6 +15,7 @@ released after one moderation round trip.
 from __future__ import annotations
 
 import math
+import re
 import unicodedata
 from dataclasses import dataclass
 
@@ -23,6 +24,7 @@ __all__ = ["Window", "WindowBuffer"]
 # How far past the target size a cut may wait for a word boundary before cutting hard.
 MAX_WORD_CHARS = 32
 _JOINERS = frozenset("\u200d\ufe0e\ufe0f")
+_SPACE = re.compile(r"\s")
 
 
 @dataclass(frozen=True)
@@ -92,11 +94,17 @@ class WindowBuffer:
         self._floor = max(self._floor, offset)
 
     def feed(self, text: str) -> list[Window]:
-        """Add text; return the windows that became ready (possibly none)."""
-        self._buf += text
+        """Add text; return the windows that became ready (possibly none).
+
+        Linear in ``len(text)``: a long text is taken in steps of a few windows, so the buffer
+        never holds more than a few windows and no step re-copies what came before.
+        """
         windows = []
-        while (cut := self._find_cut()) is not None:
-            windows.append(self._emit(cut))
+        step = 4 * self._max + MAX_WORD_CHARS
+        for i in range(0, len(text), step):
+            self._buf += text[i : i + step] if len(text) > step else text
+            while (cut := self._find_cut()) is not None:
+                windows.append(self._emit(cut))
         return windows
 
     def flush(self) -> Window | None:
@@ -135,9 +143,17 @@ class WindowBuffer:
     def _emit(self, end: int) -> Window:
         start, base, buf = self._start, self._base, self._buf
         context_start = min(start, max(base, start - self._overlap, self._floor))
-        if context_start > 0 and context_start < start and not buf[context_start - 1 - base].isspace():
+        # A word split at this boundary is judged whole, whatever the overlap: the context reaches
+        # back to the word's start (within MAX_WORD_CHARS).
+        word_start = start
+        lo = max(base, self._floor, start - MAX_WORD_CHARS)
+        while word_start > lo and not buf[word_start - 1 - base].isspace():
+            word_start -= 1
+        if word_start < context_start:
+            context_start = word_start
+        elif context_start < word_start and not buf[context_start - base].isspace():
             # Begin the context at a word, not inside one, when a word start is in reach.
-            nxt = _first_space(buf, context_start - base, start - base)
+            nxt = _first_space(buf, context_start - base, word_start - base)
             if nxt is not None:
                 context_start = nxt + base
         window = Window(self._seq, start, end, context_start, buf[context_start - base : end - base])
@@ -145,26 +161,26 @@ class WindowBuffer:
         self._start = end
         self._target = min(self._max, max(self._target, math.ceil(self._target * self._growth)))
         # Keep only what the next window's context can reach.
-        keep_from = max(base, end - self._overlap)
+        keep_from = max(base, end - max(self._overlap, MAX_WORD_CHARS))
         self._buf = buf[keep_from - base :]
         self._base = keep_from
         return window
 
 
 def _last_space(buf: str, lo: int, hi: int) -> int | None:
-    """Largest i in [lo, hi] with buf[i] whitespace."""
-    for i in range(min(hi, len(buf) - 1), lo - 1, -1):
-        if buf[i].isspace():
-            return i
-    return None
+    """Largest i in [lo, hi] with buf[i] a space or a line break (searched in C, not per character)."""
+    lo = max(lo, 0)
+    end = min(hi, len(buf) - 1) + 1
+    if end <= lo:
+        return None
+    i = max(buf.rfind(" ", lo, end), buf.rfind("\n", lo, end), buf.rfind("\t", lo, end))
+    return i if i >= 0 else None
 
 
 def _first_space(buf: str, lo: int, hi: int) -> int | None:
     """Smallest i in [lo, hi) with buf[i] whitespace."""
-    for i in range(max(lo, 0), min(hi, len(buf))):
-        if buf[i].isspace():
-            return i
-    return None
+    match = _SPACE.search(buf, max(lo, 0), min(hi, len(buf)))
+    return match.start() if match else None
 
 
 def _safe_cut(buf: str, at: int, lo: int) -> int:

@@ -130,14 +130,19 @@ async def test_hooks_see_every_verdict_and_flag() -> None:
 
 
 async def test_dict_chunks_are_accepted() -> None:
-    """An async iterable of plain dict chunks goes through the same engine."""
+    """Plain dict chunks go through the same engine and come out as dicts; unchanged ones are the same objects."""
+    sent: list[dict[str, Any]] = [chunk.model_dump() for chunk in scripted_chunks(words())._chunks]
 
     async def dicts() -> AsyncIterator[dict[str, Any]]:
-        for chunk in scripted_chunks(words())._chunks:
-            yield chunk.model_dump()
+        for chunk in sent:
+            yield chunk
 
     chunks, _ = await run(dicts(), FakeModerator())
-    assert released_text(chunks) == TEXT
+    out: list[Any] = chunks
+    assert all(isinstance(c, dict) for c in out)
+    assert "".join(ch["delta"].get("content") or "" for c in out for ch in c["choices"]) == TEXT
+    assert [c for c in out if c["choices"]] == sent
+    assert all(any(c is s for s in sent) for c in out if c["choices"])
 
 
 async def test_usage_chunk_can_be_switched_off() -> None:

@@ -25,7 +25,7 @@ from streamguard.testing import chat_chunk
 from streamguard.usage import (
     _BATCH_CHARS,
     UsageTracker,
-    _IncrementalCounter,
+    _Counter,
     count_prompt_tokens,
     count_tokens,
     encoding_for_model,
@@ -335,7 +335,7 @@ def test_incremental_equals_whole_encode(
 ) -> None:
     """After every delta, the incremental count equals tiktoken's count of the concatenation."""
     enc = encodings[encoding]
-    counter = _IncrementalCounter(enc)
+    counter = _Counter(enc.name)
     seen = ""
     for chunk in chunks:
         counter.feed(chunk)
@@ -365,7 +365,7 @@ def test_incremental_tricky_boundaries(
 ) -> None:
     """Pieces that merge across deltas (contractions, whitespace runs, digits, marks) count once."""
     enc = encodings[encoding]
-    counter = _IncrementalCounter(enc)
+    counter = _Counter(enc.name)
     for chunk in chunks:
         counter.feed(chunk)
     assert counter.tokens == len(enc.encode_ordinary("".join(chunks)))
@@ -373,13 +373,37 @@ def test_incremental_tricky_boundaries(
 
 def test_incremental_keeps_only_a_short_tail(encodings: dict[str, tiktoken.Encoding]) -> None:
     """Settled text is not kept: the pending tail stays small however long the text grows."""
-    counter = _IncrementalCounter(encodings["o200k_base"])
+    counter = _Counter("o200k_base")
     for _ in range(500):
         counter.feed("The quick brown fox jumps over the lazy dog. ")
-    assert len(counter._pending) < _BATCH_CHARS  # bounded by the batch size, not by the text
+    assert sum(map(len, counter._parts)) < _BATCH_CHARS  # bounded by the batch size, not by the text
     assert counter.tokens == len(
         encodings["o200k_base"].encode_ordinary("The quick brown fox jumps over the lazy dog. " * 500)
     )
+
+
+@pytest.mark.parametrize("encoding", ENCODINGS)
+def test_text_after_a_new_emoji_stays_linear(encodings: dict[str, tiktoken.Encoding], encoding: str) -> None:
+    """After a code point newer than Python's Unicode tables, the pending tail still stays short."""
+    counter = _Counter(encoding)
+    counter.feed("Love \U0001fa77 it.")  # U+1FA77 is unassigned in Python 3.11's unicodedata
+    longest = 0
+    for i in range(20_000):
+        counter.feed(f" word{i % 7} and more")
+        longest = max(longest, sum(map(len, counter._parts)))
+    assert longest < 2 * _BATCH_CHARS  # nothing re-scans a growing tail
+    text = "Love \U0001fa77 it." + "".join(f" word{i % 7} and more" for i in range(20_000))
+    assert counter.tokens == len(encodings[encoding].encode_ordinary(text))
+
+
+def test_a_run_without_boundaries_is_counted_in_bounded_steps(encodings: dict[str, tiktoken.Encoding]) -> None:
+    """A long run with no firm boundary (e.g. CJK) is settled at doubling sizes, then forcibly."""
+    counter = _Counter("o200k_base")
+    for _ in range(40_000):
+        counter.feed("\u4e2d\u6587")
+    assert sum(map(len, counter._parts)) <= 65536
+    exact = len(encodings["o200k_base"].encode_ordinary("\u4e2d\u6587" * 40_000))
+    assert abs(counter.tokens - exact) <= 2
 
 
 # --- the tracker ---------------------------------------------------------------------------------

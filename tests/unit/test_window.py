@@ -116,7 +116,11 @@ def test_windows_partition_the_text(pieces: list[str], window: int, first: int, 
     for seq, w in enumerate(windows):
         assert (w.seq, w.start) == (seq, position)
         assert w.end > w.start
-        assert w.start - w.context_start <= overlap
+        context = text[w.context_start : w.start]
+        if len(context) > overlap:
+            # Past the overlap only to reach the start of a word split at the boundary.
+            assert len(context) <= MAX_WORD_CHARS and not any(c.isspace() for c in context)
+            assert w.context_start == 0 or text[w.context_start - 1].isspace()
         assert w.text == text[w.context_start : w.end]
         position = w.end
     assert buf.pending == 0 and buf.total == len(text)
