@@ -270,11 +270,10 @@ class _Counter:
 
     def _settle(self) -> None:
         encoding = peek_encoding(self._encoding_name)
-        if encoding is None and self._size < _FORCE_CHARS:
-            self._next = self._size + _BATCH_CHARS  # it is loading in a worker thread: count later
-            return
         if encoding is None:
-            encoding = get_encoding(self._encoding_name)
+            # It is loading in a worker thread (never on the event loop): count once it is there.
+            self._next = self._size + _BATCH_CHARS
+            return
         text = "".join(self._parts)
         cut = _firm_boundary(text)
         if cut is None:

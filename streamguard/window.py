@@ -25,6 +25,7 @@ __all__ = ["Window", "WindowBuffer"]
 MAX_WORD_CHARS = 32
 _JOINERS = frozenset("\u200d\ufe0e\ufe0f")
 _SPACE = re.compile(r"\s")
+_NONE: list[Window] = []  # returned when no window is ready (never mutated)
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,10 @@ class WindowBuffer:
         """Characters fed but not yet in a window."""
         return self.total - self._start
 
+    def pending_text(self) -> str:
+        """The text fed but not yet in a window."""
+        return self._buf[self._start - self._base :]
+
     def exclude_context_before(self, offset: int) -> None:
         """Never send text before ``offset`` as context again (it was redacted)."""
         self._floor = max(self._floor, offset)
@@ -99,10 +104,18 @@ class WindowBuffer:
         Linear in ``len(text)``: a long text is taken in steps of a few windows, so the buffer
         never holds more than a few windows and no step re-copies what came before.
         """
-        windows = []
         step = 4 * self._max + MAX_WORD_CHARS
+        if len(text) <= step:
+            self._buf += text
+            if self._base + len(self._buf) - self._start < self._target:
+                return _NONE  # the common case: not a window yet
+            windows = []
+            while (cut := self._find_cut()) is not None:
+                windows.append(self._emit(cut))
+            return windows
+        windows = []
         for i in range(0, len(text), step):
-            self._buf += text[i : i + step] if len(text) > step else text
+            self._buf += text[i : i + step]
             while (cut := self._find_cut()) is not None:
                 windows.append(self._emit(cut))
         return windows

@@ -241,28 +241,32 @@ class Core:
             return
         pieces: list[Piece] = []
         size = tool_size = 0
+        channels = st.channels
         for key, field, text in texts:
             if not text:
                 continue
-            ch = st.channels.get(key) or self._open_channel(st, key)
-            if ch.key.startswith("tool:"):
-                self._close_earlier_tools(st, ch)
-            start = ch.buffer.total
+            ch = channels.get(key)
+            if ch is None:
+                ch = self._open_channel(st, key)
+            buffer = ch.buffer
+            start = buffer.total
             pieces.append(Piece(ch, start, start + len(text), text, field))
             if ch.tool:
+                self._close_earlier_tools(st, ch)
                 tool_size += len(text)
             else:
                 size += len(text)
             ch.last_text_at = now
-            for window in ch.buffer.feed(text):
-                self._submit(ch, window)
-            if self._count is not None:
-                self._count(choice, key, text, False)
+            windows = buffer.feed(text)
+            if windows:
+                for window in windows:
+                    self._submit(ch, window)
         opened: list[Channel] = []
-        for key in opens:
-            ch = st.channels.get(key) or self._open_channel(st, key)
-            self._close_earlier_tools(st, ch)
-            opened.append(ch)
+        if opens:
+            for key in opens:
+                ch = channels.get(key) or self._open_channel(st, key)
+                self._close_earlier_tools(st, ch)
+                opened.append(ch)
         if size or tool_size:
             self._held += size
             self._held_tool += tool_size
@@ -287,29 +291,43 @@ class Core:
             # Reading stops at the cap: moderate what is buffered so verdicts can free room.
             for ch in st.channels.values():
                 self._flush(ch)
+        if self._holdback and size and finish is None and len(st.items) > 1 and not self._loose:
+            # Hold-back: new text waits for its verdict, behind what this choice holds already.
+            if self._held >= self.max_held:
+                self._update_pause(now)
+            return
         self._release_all()
         self._update_pause(now)
 
     def verdict(self, ticket: int, result: Verdict | BaseException, latency: float, *, now: float) -> None:
         """The moderator's answer (or failure) for ``ticket``."""
+        self.verdicts([(ticket, result)], latency, now=now)
+
+    def verdicts(self, results: Iterable[tuple[int, Verdict | BaseException]], latency: float, *, now: float) -> None:
+        """Answers for several tickets from one moderation call (released once, after all settle)."""
         if self.finished:
             return
-        self._calls += 1
-        self._latencies.append(latency)
-        if ticket == _INPUT:
-            self._on_input_verdict(result, latency)
-        else:
+        for ticket, result in results:
+            if self.finished:
+                return
+            self._calls += 1
+            self._latencies.append(latency)
+            if ticket == _INPUT:
+                self._on_input_verdict(result, latency)
+                continue
             entry = self._tickets.pop(ticket, None)
-            if entry is not None:
-                ch, window = entry
-                st = self._choices[ch.choice]
-                if not st.cut:
-                    ch.results[window.seq] = (result, latency)
-                    while ch.next_settle in ch.results and not st.cut and self._error is None:
-                        outcome, took = ch.results.pop(ch.next_settle)
-                        w = ch.pending.pop(ch.next_settle)
-                        ch.next_settle += 1
-                        self._settle(st, ch, w, outcome, took)
+            if entry is None:
+                continue
+            ch, window = entry
+            st = self._choices[ch.choice]
+            if st.cut:
+                continue
+            ch.results[window.seq] = (result, latency)
+            while ch.next_settle in ch.results and not st.cut and self._error is None:
+                outcome, took = ch.results.pop(ch.next_settle)
+                w = ch.pending.pop(ch.next_settle)
+                ch.next_settle += 1
+                self._settle(st, ch, w, outcome, took)
         self._release_all()
         self._update_pause(now)
 
@@ -487,12 +505,24 @@ class Core:
                 other.closed = True
                 self._flush(other)
 
+    def _count_unwindowed(self, st: ChoiceState) -> None:
+        """Text of ``st`` not in a window yet will never be: count it as generated now."""
+        if self._count is None:
+            return
+        for ch in st.channels.values():
+            text = ch.buffer.pending_text()
+            if text:
+                self._count(st.index, ch.key, text, False)
+
     def _flush(self, ch: Channel) -> None:
         window = ch.buffer.flush()
         if window is not None:
             self._submit(ch, window)
 
     def _submit(self, ch: Channel, window: Window) -> None:
+        if self._count is not None:
+            # Generated text is counted a window at a time: windows cover each channel's text once.
+            self._count(ch.choice, ch.key, window.new_text, False)
         ticket = self._next_ticket
         self._next_ticket += 1
         self._tickets[ticket] = (ch, window)
@@ -612,6 +642,7 @@ class Core:
             return
         st.cut = True
         st.finish_reason = "content_filter"
+        self._count_unwindowed(st)
         if self._upstream_error is not None:
             # Upstream failed first: the stream ends once, with that error (no content_filter too).
             st.cut_sent = True
@@ -724,6 +755,18 @@ class Core:
 
     def _emit(self, st: ChoiceState, item: Item, *, partial: bool) -> bool:
         """Release ``item`` whole, or (``partial``) what of it is settled; True if anything went."""
+        pieces = item.pieces
+        if not partial and len(pieces) == 1 and not item.opens and not st.cut:
+            piece = pieces[0]
+            ch = piece.channel
+            if not ch.redactions and not ch.redact_all and not ch.tool and ch.released <= piece.start:
+                # The hot path: one whole, clean text delta goes out as it came in.
+                ch.released = piece.end
+                self._released_chars += piece.end - piece.start
+                if self._count is not None:
+                    self._count(st.index, ch.key, piece.text, True)
+                self.actions.append(Release(item.original, None, item.choice))
+                return True
         texts: dict[tuple[str, str], str] = {}
         drop: set[str] = set()
         changed = partial
@@ -789,7 +832,8 @@ class Core:
             self._input_pending = True  # holds every output back in _release_all
         # Release what already has a clean verdict, then stop.
         for st in self._choices.values():
-            st.finish_reason = st.finish_reason or None
+            if not st.cut:
+                self._count_unwindowed(st)
             for ch in st.channels.values():
                 ch.pending.clear()
                 ch.results.clear()

@@ -55,6 +55,8 @@ Hook = Callable[[Any], object]
 _OUT_HIGH = 64  # released items waiting for the consumer at which the reader pauses
 _OUT_LOW = 16  # ... and resumes
 _INPUT = -1
+_BATCH_WINDOWS = 32  # windows sent in one moderation call at most ...
+_BATCH_CHARS = 16_384  # ... and characters
 
 clock = time.monotonic
 
@@ -109,6 +111,7 @@ class Driver:
         self._spawn: Callable[..., object] | None = None
         self._iterator: Any = None
         self._ended = False
+        self.batches = 0  # moderation calls made (a call may carry several windows)
         self._hooks = 0
         self._hooks_done: anyio.Event | None = None
         self._hook_error: BaseException | None = None
@@ -239,7 +242,7 @@ class Driver:
                 assert isinstance(action, Moderate)
                 if action.ticket == _INPUT:
                     # Concurrent with upstream's generation, never before it: no worker slot is taken.
-                    self._start(lambda a=action: self._moderate(a))  # type: ignore[misc]
+                    self._start(lambda a=action: self._moderate([a]))  # type: ignore[misc]
                 else:
                     self._queue.append(action)
                     self._feed_workers()
@@ -333,40 +336,17 @@ class Driver:
                     self._pump()
                     break
                 units = shape.units(raw)
-                if shape.usage is not None:
-                    core.upstream_usage = True
-                    self.usage.upstream(shape.usage)
-                if shape.dropped:
-                    for name in shape.dropped:
-                        core.drop_field(name)
-                    shape.dropped.clear()
-                model = _model_of(raw)
-                if model:
-                    self.usage.see_model(model)
-                for i, (original, choice, texts, finish, opens, names) in enumerate(units):
-                    if i and len(units) > 1 and texts:
-                        await anyio.lowlevel.checkpoint()  # a long text: let other tasks run between slices
-                        while not core.wants_input and not core.finished:
-                            self._reader_waiting = True
-                            event = self._reader = anyio.Event()
-                            try:
-                                await event.wait()
-                            finally:
-                                self._reader_waiting = False
+                if shape.notice:
+                    self._take_notice(shape)
+                if len(units) == 1 and self._kinds is None:
+                    original, choice, texts, finish, opens, names = units[0]
                     if names and choice is not None:
-                        for j, name in enumerate(names):
-                            self.usage.count(choice, f"tool_name:{j}", name, False)
-                    if texts and self._kinds is not None and choice is not None:
-                        # Kinds the policy leaves out pass unmoderated (still counted as generated).
-                        kept = []
-                        for part in texts:
-                            if channel_kind(part[0]) in self._kinds:
-                                kept.append(part)
-                            else:
-                                self.usage.count(choice, part[0], part[2], False)
-                        texts = kept
+                        self._count_names(choice, names)
                     core.feed(original, choice, texts, finish=finish, opens=opens, now=clock())
-                    self._pump()
+                    if core.actions:
+                        self._pump()
+                else:
+                    await self._feed_units(units)
                 if shape.moderation is not None:
                     moderation, shape.moderation = shape.moderation, None
                     core.provider_moderation(_provider_verdicts(moderation))
@@ -381,6 +361,53 @@ class Driver:
                 # Cancelled from outside (the consumer left), or upstream closed after a cut.
                 core.end(now=clock())
                 self._pump()
+
+    def _take_notice(self, shape: ChatShape) -> None:
+        """Usage, a new model name or dropped fields came with the last chunk."""
+        shape.notice = False
+        core = self.core
+        if shape.usage is not None:
+            core.upstream_usage = True
+            self.usage.upstream(shape.usage)
+            shape.usage = None
+        if shape.dropped:
+            for name in shape.dropped:
+                core.drop_field(name)
+            shape.dropped.clear()
+        if shape.new_model is not None:
+            self.usage.see_model(shape.new_model)
+            shape.new_model = None
+
+    def _count_names(self, choice: int, names: tuple[str, ...]) -> None:
+        for j, name in enumerate(names):
+            self.usage.count(choice, f"tool_name:{j}", name, False)
+
+    async def _feed_units(self, units: list[Any]) -> None:
+        """Several units from one chunk (``n > 1``, or a long text in slices)."""
+        core = self.core
+        for i, (original, choice, texts, finish, opens, names) in enumerate(units):
+            if i and texts:
+                await anyio.lowlevel.checkpoint()  # a long text: let other tasks run between slices
+                while not core.wants_input and not core.finished:
+                    self._reader_waiting = True
+                    event = self._reader = anyio.Event()
+                    try:
+                        await event.wait()
+                    finally:
+                        self._reader_waiting = False
+            if names and choice is not None:
+                self._count_names(choice, names)
+            if texts and self._kinds is not None and choice is not None:
+                # Kinds the policy leaves out pass unmoderated (still counted as generated).
+                kept = []
+                for part in texts:
+                    if channel_kind(part[0]) in self._kinds:
+                        kept.append(part)
+                    else:
+                        self.usage.count(choice, part[0], part[2], False)
+                texts = kept
+            core.feed(original, choice, texts, finish=finish, opens=opens, now=clock())
+            self._pump()
 
     async def _close_upstream(self, iterator: Any) -> None:
         if self._upstream_closed:
@@ -422,27 +449,38 @@ class Driver:
                     finally:
                         self._idle -= 1
                     continue
-                await self._moderate(queue.popleft())
+                # Windows that queued up while every worker was busy go in one call (the
+                # Moderator protocol takes a list): fewer calls, the same verdicts.
+                batch = [queue.popleft()]
+                size = len(batch[0].text)
+                while queue and len(batch) < _BATCH_WINDOWS and size + len(queue[0].text) <= _BATCH_CHARS:
+                    size += len(queue[0].text)
+                    batch.append(queue.popleft())
+                await self._moderate(batch)
         finally:
             self._workers -= 1
 
-    async def _moderate(self, action: Moderate) -> None:
-        result: Verdict | BaseException
+    async def _moderate(self, batch: list[Moderate]) -> None:
+        results: list[Verdict | BaseException]
         started = time.perf_counter()
         try:
             with anyio.fail_after(self.policy.moderation_timeout):
-                verdicts = await self._moderator.moderate([action.text])
-            if len(verdicts) != 1:
-                raise ModerationError(f"moderator returned {len(verdicts)} verdicts for 1 text")
-            result = verdicts[0]
-            if not isinstance(result, Verdict):
-                raise ModerationError(f"moderator returned {type(result).__name__}, not a Verdict")
+                verdicts = await self._moderator.moderate([action.text for action in batch])
+            self.batches += 1
+            if len(verdicts) != len(batch):
+                raise ModerationError(f"moderator returned {len(verdicts)} verdicts for {len(batch)} texts")
+            for verdict in verdicts:
+                if not isinstance(verdict, Verdict):
+                    raise ModerationError(f"moderator returned {type(verdict).__name__}, not a Verdict")
+            results = list(verdicts)
         except TimeoutError as exc:
-            result = ModerationTimeout(f"moderation took longer than {self.policy.moderation_timeout}s")
-            result.__cause__ = exc
+            error: BaseException = ModerationTimeout(f"moderation took longer than {self.policy.moderation_timeout}s")
+            error.__cause__ = exc
+            results = [error] * len(batch)
         except Exception as exc:  # the policy decides (on_error)
-            result = exc
-        self.core.verdict(action.ticket, result, time.perf_counter() - started, now=clock())
+            results = [exc] * len(batch)
+        took = time.perf_counter() - started
+        self.core.verdicts([(a.ticket, r) for a, r in zip(batch, results, strict=True)], took, now=clock())
         self._pump()
 
 

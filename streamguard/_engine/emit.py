@@ -57,6 +57,9 @@ class ChatShape:
         self.moderation: Any = None  # the provider's own moderation, when a chunk carried it
         self.dropped: list[str] = []
         self.template: Any = None
+        self.new_model: str | None = None  # set when a chunk names a model not seen before
+        self.notice = False  # set when usage, moderation, a dropped field or a new model came
+        self._last_model: Any = None
 
     # -- in ----------------------------------------------------------------------------------
 
@@ -80,8 +83,15 @@ class ChatShape:
             self.template = chunk
         if chunk.usage is not None:
             self.usage = chunk.usage
+            self.notice = True
         if chunk.moderation is not None:
             self.moderation = chunk.moderation
+            self.notice = True
+        if chunk.model != self._last_model:
+            self._last_model = chunk.model
+            if isinstance(chunk.model, str) and chunk.model:
+                self.new_model = chunk.model
+                self.notice = True
         choices = chunk.choices
         if choices is None or not isinstance(choices, list):
             raise StreamFormatError("a chunk's `choices` is not a list")
@@ -102,16 +112,27 @@ class ChatShape:
         finish = getattr(choice, "finish_reason", None)
         if delta is None:  # e.g. Azure's content-filter annotations
             return [(chunk, index, [], finish, (), ())]
-        texts: list[TextPart] = []
         opens: tuple[str, ...] = ()
         names: tuple[str, ...] = ()
         content = delta.content
+        refusal = delta.refusal
+        extra = delta.__pydantic_extra__
+        if (
+            content
+            and refusal is None
+            and not extra
+            and delta.tool_calls is None
+            and delta.function_call is None
+            and delta.audio is None
+            and isinstance(content, str)
+            and len(content) <= SLICE_CHARS
+        ):
+            return [(chunk, index, [("content", "content", content)], finish, (), ())]  # the hot path
+        texts: list[TextPart] = []
         if content:
             texts.append(("content", "content", _text(content, "content")))
-        refusal = delta.refusal
         if refusal:
             texts.append(("refusal", "refusal", _text(refusal, "refusal")))
-        extra = delta.__pydantic_extra__
         if extra:
             unknown = False
             for name in _REASONING:
@@ -121,6 +142,7 @@ class ChatShape:
             for name, value in extra.items():
                 if name not in _KNOWN_DELTA and _has_text(value):
                     unknown = True
+                    self.notice = True
                     self._drop(f"delta.{name}")
             if unknown:
                 kept = {k: v for k, v in extra.items() if k in _KNOWN_DELTA or not _has_text(v)}
@@ -157,8 +179,16 @@ class ChatShape:
             self.template = chunk
         if chunk.get("usage") is not None:
             self.usage = chunk["usage"]
+            self.notice = True
         if chunk.get("moderation") is not None:
             self.moderation = chunk["moderation"]
+            self.notice = True
+        model = chunk.get("model")
+        if model != self._last_model:
+            self._last_model = model
+            if isinstance(model, str) and model:
+                self.new_model = model
+                self.notice = True
         if "error" in chunk and "choices" not in chunk:
             error = chunk["error"]
             message = error.get("message") if isinstance(error, Mapping) else error
@@ -194,6 +224,7 @@ class ChatShape:
         if unknown:
             for name in unknown:
                 self._drop(f"delta.{name}")
+            self.notice = True
             delta = {k: v for k, v in delta.items() if k not in unknown}
             chunk = {**chunk, "choices": [{**choice, "delta": delta}]}
         for name, key in (("content", "content"), ("refusal", "refusal"), *((n, "reasoning") for n in _REASONING)):
