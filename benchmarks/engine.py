@@ -43,7 +43,7 @@ WORDS = "the quick brown fox jumps over the lazy dog while we plan a calm picnic
 
 def serve(chunks: int, delta_chars: int) -> None:
     """Run a loopback OpenAI-compatible upstream; print its port; stop when stdin closes."""
-    from streamguard._upstream import LoopbackUpstream, Script, text_chunks
+    from streamguard.testing.upstream import LoopbackUpstream, Script, text_chunks
 
     words = [" " + WORDS[i % len(WORDS)] for i in range(max(1, delta_chars // 5) * chunks)]
     deltas = ["".join(words[i : i + max(1, delta_chars // 5)]) for i in range(0, len(words), max(1, delta_chars // 5))]

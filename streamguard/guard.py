@@ -47,8 +47,10 @@ def guard(
     """Guard a streamed chat completion.
 
     Args:
-        stream: The upstream: an ``openai.AsyncStream[ChatCompletionChunk]``, or any async
-            iterable of chunks or of chunk dicts (then dicts come out).
+        stream: The upstream: an ``openai.AsyncStream[ChatCompletionChunk]``, any async iterable
+            of chunks or of chunk dicts (then dicts come out), or a Responses API stream (then
+            Responses events come out, as from :func:`streamguard.guard_responses`). The shape is
+            read off the first item; one the guard cannot read raises ``StreamFormatError``.
         moderator: Judges windows of text (see :class:`~streamguard.Moderator`).
         policy: What to do; defaults to ``Policy()`` (hold back, cut off, fail closed).
         model: The model asked for (used for token counting; else the chunks' ``model``).
@@ -75,6 +77,7 @@ def guard(
         n=n,
         on_verdict=on_verdict,
         on_flag=on_flag,
+        detect=True,
     )
 
 
@@ -100,7 +103,19 @@ class GuardedStream:
         on_verdict: Hook | None,
         on_flag: Hook | None,
         shape: Any = None,
+        detect: bool = False,
     ) -> None:
+        # ``detect``: the shape is read off the first item (chat chunks, or Responses events).
+        self._detect = detect
+        self._args: dict[str, Any] = {
+            "moderator": moderator,
+            "policy": policy,
+            "model": model,
+            "messages": messages,
+            "on_verdict": on_verdict,
+            "on_flag": on_flag,
+        }
+        self._delegate: Any = None  # a GuardedResponseStream, when the stream turned out to be one
         self._driver = Driver(
             stream,
             moderator=moderator,
@@ -121,7 +136,29 @@ class GuardedStream:
     @property
     def report(self) -> GuardReport:
         """The stream's report so far (final once the stream has ended)."""
+        if self._delegate is not None:
+            report: GuardReport = self._delegate.report
+            return report
         return self._driver.report()
+
+    async def _detect_shape(self) -> None:
+        """Read the first item; a Responses stream is handed to the Responses adapter."""
+        self._detect = False
+        first = await self._driver.peek()
+        if first is not None and _is_responses_event(first):
+            from .responses import GuardedResponseStream
+
+            args = self._args
+            messages = args["messages"]
+            self._delegate = GuardedResponseStream(
+                self._driver.replay(),
+                moderator=args["moderator"],
+                policy=args["policy"],
+                model=args["model"],
+                messages=messages if messages is None or isinstance(messages, list) else list(messages),
+                on_verdict=args["on_verdict"],
+                on_flag=args["on_flag"],
+            )
 
     @property
     def policy(self) -> Policy:
@@ -130,16 +167,25 @@ class GuardedStream:
     async def __aenter__(self) -> GuardedStream:
         if self._started:
             raise RuntimeError("this guarded stream has already been started")
+        if self._detect:
+            await self._detect_shape()
+        self._started = True
+        if self._delegate is not None:
+            await self._delegate.__aenter__()
+            return self
         tg = anyio.create_task_group()
         await tg.__aenter__()
         self._tg = tg
-        self._started = True
         self._driver.start(tg.start_soon)
         return self
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> bool | None:
+        if self._delegate is not None:
+            self._closed = True
+            result: bool | None = await self._delegate.__aexit__(exc_type, exc, tb)
+            return result
         tg, self._tg = self._tg, None
         self._closed = True
         self._driver.cancel()
@@ -166,6 +212,17 @@ class GuardedStream:
         """The next chunk; raises ``anyio.EndOfStream`` at the end (``__anext__`` is nicer)."""
         if self._closed:
             raise anyio.EndOfStream
+        if self._detect:
+            if not self._started:
+                _running_asyncio_loop()  # the bare form needs asyncio: say so before reading anything
+            await self._detect_shape()
+        if self._delegate is not None:
+            self._started = True
+            try:
+                return await self._delegate.__anext__()
+            except StopAsyncIteration:
+                self._closed = True
+                raise anyio.EndOfStream from None
         if not self._started:
             self._start_bare()
         try:
@@ -183,6 +240,10 @@ class GuardedStream:
 
     async def aclose(self) -> None:
         """Stop: cancel moderation, close upstream. Safe to call more than once."""
+        if self._delegate is not None:
+            self._closed = True
+            await self._delegate.aclose()
+            return
         if not self._started:
             self._started = self._closed = True
             await self._driver.close_unstarted()
@@ -192,15 +253,7 @@ class GuardedStream:
         await self._driver.wait_stopped()
 
     def _start_bare(self) -> None:
-        import asyncio
-
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            raise RuntimeError(
-                "iterating a guarded stream without `async with` needs asyncio; "
-                "on trio write `async with guard(...) as guarded:`"
-            ) from None
+        loop = _running_asyncio_loop()
         tasks = self._tasks
 
         def spawn(fn: Callable[..., Any], *args: Any) -> None:
@@ -220,3 +273,29 @@ class GuardedStream:
                     task.cancel()
                 except RuntimeError:  # the loop is gone already
                     pass
+
+
+def _running_asyncio_loop() -> Any:
+    """The running asyncio loop; a clear error on any other event loop (e.g. trio)."""
+    import asyncio
+
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        raise RuntimeError(
+            "iterating a guarded stream without `async with` needs asyncio; "
+            "on trio write `async with guard(...) as guarded:`"
+        ) from None
+
+
+def _is_responses_event(item: Any) -> bool:
+    """Whether ``item`` is a Responses stream event (an object or a dict with a ``type``)."""
+    from openai.types.chat import ChatCompletionChunk
+
+    if isinstance(item, ChatCompletionChunk):
+        return False
+    if isinstance(item, Mapping):
+        kind = item.get("type")
+        return isinstance(kind, str) and "choices" not in item
+    kind = getattr(item, "type", None)
+    return isinstance(kind, str) and (kind.startswith("response.") or kind == "error")

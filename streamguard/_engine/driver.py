@@ -23,12 +23,12 @@ import inspect
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
 import anyio
 
-from ..exceptions import ModerationError, ModerationTimeout
+from ..exceptions import ModerationError, ModerationTimeout, StreamTimeout
 from ..moderation._base import Moderator, Verdict
 from ..policy import Policy
 from ..report import GuardReport
@@ -111,6 +111,7 @@ class Driver:
         self._spawn: Callable[..., object] | None = None
         self._iterator: Any = None
         self._ended = False
+        self._first: Any = None  # what peek() read: (item,), _EMPTY, or an exception
         self.batches = 0  # moderation calls made (a call may carry several windows)
         self._hooks = 0
         self._hooks_done: anyio.Event | None = None
@@ -118,11 +119,33 @@ class Driver:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
+    async def peek(self) -> Any:
+        """Read the first upstream item before starting (None for an empty stream or an error,
+        which the reader then meets again)."""
+        self._iterator = chunk_iterator(self._source)
+        p = self.policy
+        limits = [t for t in (p.idle_timeout, p.max_duration) if t is not None]
+        try:
+            with anyio.move_on_after(min(limits) if limits else None) as scope:
+                self._first = (await self._iterator.__anext__(),)
+            if scope.cancelled_caught:
+                self._first = StreamTimeout(f"upstream sent nothing for {min(limits)}s")
+        except StopAsyncIteration:
+            self._first = _EMPTY
+        except Exception as exc:  # raised to the consumer by the reader, as any upstream failure
+            self._first = exc
+        return self._first[0] if isinstance(self._first, tuple) and self._first else None
+
+    def replay(self) -> AsyncIterator[Any]:
+        """The upstream again from its first item (for an adapter that takes over after peek)."""
+        return _Replay(self._first, self._iterator, self._source)
+
     def start(self, spawn: Callable[..., object]) -> None:
         """Start the reader (and input moderation) with ``spawn(fn, *args)``."""
         self._spawn = spawn
         self._stopped = anyio.Event()
-        self._iterator = chunk_iterator(self._source)
+        if self._iterator is None:
+            self._iterator = chunk_iterator(self._source)
         scope = self._reader_scope = anyio.CancelScope()
         self._start(self._read, scope)
         if not self.usage.ready:
@@ -330,7 +353,15 @@ class Driver:
                         self._reader_waiting = False
                     continue
                 try:
-                    raw = await iterator.__anext__()
+                    first, self._first = self._first, None
+                    if first is None:
+                        raw = await iterator.__anext__()
+                    elif isinstance(first, BaseException):
+                        raise first
+                    elif not first:
+                        raise StopAsyncIteration
+                    else:
+                        raw = first[0]
                 except StopAsyncIteration:
                     core.end(now=clock())
                     self._pump()
@@ -504,3 +535,33 @@ def _provider_verdicts(moderation: Any) -> list[Verdict]:
             Verdict(bool(result.get("flagged")), result.get("categories") or {}, result.get("category_scores") or {})
         )
     return verdicts
+
+
+_EMPTY: tuple[Any, ...] = ()
+
+
+class _Replay:
+    """An upstream whose first item was read already: that item, then the rest; closing closes it."""
+
+    def __init__(self, first: Any, iterator: Any, source: Any) -> None:
+        self._first = first
+        self._iterator = iterator
+        self._source = source
+
+    def __aiter__(self) -> _Replay:
+        return self
+
+    async def __anext__(self) -> Any:
+        first, self._first = self._first, None
+        if first is None:
+            return await self._iterator.__anext__()
+        if isinstance(first, BaseException):
+            raise first
+        if not first:
+            raise StopAsyncIteration
+        return first[0]
+
+    async def aclose(self) -> None:
+        if self._iterator is not self._source:
+            await close_quietly(self._iterator)
+        await close_quietly(self._source)
