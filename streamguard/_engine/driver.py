@@ -30,6 +30,7 @@ import anyio
 
 from ..exceptions import ModerationError, ModerationTimeout, StreamTimeout
 from ..moderation._base import Moderator, Verdict
+from ..moderation.normalize import moderation_view
 from ..policy import Policy
 from ..report import GuardReport
 from ..sources import chunk_iterator, close_quietly, input_text
@@ -496,7 +497,9 @@ class Driver:
         started = time.perf_counter()
         try:
             with anyio.fail_after(self.policy.moderation_timeout):
-                verdicts = await self._moderator.moderate([action.text for action in batch])
+                # Moderators judge the normalised view (NFKC, invisible and bidi controls removed,
+                # confusables folded): disguised text is seen for what it is.
+                verdicts = await self._moderator.moderate([moderation_view(action.text).text for action in batch])
             self.batches += 1
             if len(verdicts) != len(batch):
                 raise ModerationError(f"moderator returned {len(verdicts)} verdicts for {len(batch)} texts")

@@ -172,3 +172,19 @@ async def test_upstream_failure_while_a_window_is_in_moderation_ends_once() -> N
                 out.append(chunk)
     assert [ch.finish_reason for c in out for ch in c.choices if ch.finish_reason] == []
     assert "attack" not in content(out)
+
+
+@pytest.mark.parametrize("disguise", ["at\u200btack", "\uff41ttack", "att\u0430ck", "a\u00adttack"])
+async def test_every_moderator_judges_the_normalised_view(disguise: str) -> None:
+    """A custom moderator (not only the built-in ones) sees disguised text folded back; callers get the original."""
+    out: list[Any] = []
+    with anyio.fail_after(5):
+        async with sg.guard(
+            scripted_chunks(words(f"calm words then {disguise} now")),
+            moderator=FakeModerator(["attack"]),
+            policy=sg.Policy(action="redact"),
+        ) as guarded:
+            out = [c async for c in guarded]
+    assert guarded.report.flagged
+    assert disguise not in content(out) and "[redacted]" in content(out)
+    assert content(out).startswith("calm words")  # the original text, not the normalised one
