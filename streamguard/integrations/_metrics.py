@@ -26,6 +26,7 @@ from ..exceptions import ModerationError
 from ..report import Flag, VerdictEvent
 
 if TYPE_CHECKING:
+    from .proxy.stream import GuardedAnswer
     from .starlette import GuardedSSEResponse
 
 __all__ = ["CONTENT_TYPE", "ProxyMetrics"]
@@ -96,7 +97,7 @@ class ProxyMetrics:
             kind = "connection" if isinstance(exc, openai.APIConnectionError) else "stream"
             self.upstream_errors.labels(kind=kind, status="").inc()
 
-    def stream_ended(self, response: GuardedSSEResponse) -> None:
+    def stream_ended(self, response: GuardedSSEResponse | GuardedAnswer) -> None:
         """``on_end`` of a streamed answer: its outcome, and the error it ended with."""
         report = response.report
         if response.disconnected:

@@ -126,7 +126,8 @@ async def test_redact_and_non_streamed_flags(upstream: LoopbackUpstream, start_p
         async with AsyncOpenAI(api_key="k", base_url=origin + "/v1", max_retries=0, timeout=10) as c:
             answer = await c.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
         samples = await scrape(origin)
-    assert answer.choices[0].finish_reason == "content_filter"
+    assert answer.choices[0].finish_reason == "stop"  # redaction keeps upstream's, streamed or not
+    assert "[redacted]" in (answer.choices[0].message.content or "")
     assert value(samples, "streamguard_flags_total", category="keyword", action="redact", source="output") == 2
     assert value(samples, "streamguard_streams_total", outcome="completed") == 1  # redaction is no cut-off
 
