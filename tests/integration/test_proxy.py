@@ -169,7 +169,7 @@ async def test_non_stream_clean_is_passed_on_byte_for_byte(upstream: LoopbackUps
 
 @pytest.mark.parametrize("action", ["cutoff", "redact"])
 async def test_non_stream_flagged(upstream: LoopbackUpstream, start_proxy: Start, action: str) -> None:
-    """A flagged non-streamed answer is judged as its stream would be: cut-off keeps the clean prefix, redact one window."""
+    """A flagged non-streamed answer is judged as its stream would be: cut-off keeps the prefix, redact one window."""
     upstream.chat = lambda body: Reply(completion(STORY))
     policy = Policy(action="cutoff" if action == "cutoff" else "redact", window_chars=48, first_window_chars=16)
     url = start_proxy(upstream=upstream.base_url, moderator="keyword", keywords=["attack"], policy=policy)

@@ -215,8 +215,8 @@ class _Proxy:
             return json_response(403, error_object(message, code="unguarded_route"))
         from .passthrough import relay
 
-        response = relay(self.upstream, request, found.path, self.secrets_for(request), self.metrics.error)
-        return response
+        label = "passed" if route.kind == "passed" else "unguarded"
+        return relay(self.upstream, request, found.path, self.secrets_for(request), self.metrics.error, label=label)
 
     async def guarded(self, request: Request, found: Match) -> Response:
         read = await self.read_json(request)

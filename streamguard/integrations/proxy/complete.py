@@ -67,6 +67,8 @@ async def judge_answer(
         chunks.extend(_chunks(answer, index, delta, finish))
     out: dict[int, _Out] = {}
     args = dict(guard_args)
+    if "input" in args:
+        args["messages"] = input_messages(args.pop("input"))
     args["n"] = len(choices)
     async with guard(
         _aiter(chunks),
@@ -82,6 +84,27 @@ async def judge_answer(
     if shape == "chat":
         return _rebuild_chat(answer, out)
     return _rebuild_pieces(answer, shape, out)
+
+
+def input_messages(value: Any) -> list[dict[str, Any]] | None:
+    """A Responses ``input`` as chat messages (for input moderation and prompt tokens)."""
+    if isinstance(value, str):
+        return [{"role": "user", "content": value}]
+    if not isinstance(value, list):
+        return None
+    messages = []
+    for item in value:
+        if not isinstance(item, dict):
+            continue
+        content = item.get("content")
+        if isinstance(content, list):
+            content = [
+                {"type": "text", "text": part.get("text")}
+                for part in content
+                if isinstance(part, dict) and isinstance(part.get("text"), str)
+            ]
+        messages.append({"role": item.get("role", "user"), "content": content})
+    return messages
 
 
 def _no_usage(policy: Policy) -> Policy:

@@ -33,6 +33,8 @@ def relay(
     path: str,
     secrets: Sequence[str],
     on_error: Callable[[BaseException], object],
+    *,
+    label: str = "passed",
 ) -> CallerBound:
     """The response relaying ``request`` to ``path`` upstream."""
 
@@ -60,6 +62,7 @@ def relay(
                 await caller.respond(upstream.status_error(response, body, secrets))
                 return
             headers = passed_headers(response.headers.items())
+            headers["x-streamguard-route"] = label
             raw_headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
             await caller.send({"type": "http.response.start", "status": response.status_code, "headers": raw_headers})
             try:

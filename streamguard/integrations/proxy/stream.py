@@ -176,6 +176,7 @@ class GuardedAnswer:
             "content-type": "text/event-stream; charset=utf-8",
             "cache-control": "no-cache",
             "x-accel-buffering": "no",  # no proxy buffering (nginx honours it)
+            "x-streamguard-route": "guarded",
             **headers,
         }
         raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in head.items()]

@@ -149,7 +149,8 @@ def passed_headers(headers: Any, *, all_headers: bool = True) -> dict[str, str]:
     for name, value in headers:
         lower = name.lower()
         if all_headers:
-            if lower not in _HOP:
+            # content-length stays: the raw body is relayed unchanged, so it is still true.
+            if lower not in _HOP or lower == "content-length":
                 out[lower] = value
         elif lower in _KEPT or lower.startswith("x-ratelimit-"):
             out[lower] = value
