@@ -15,9 +15,9 @@ import openai
 import pytest
 from openai import AsyncOpenAI
 
-from streamguard._upstream import sse_body, text_chunks
 from streamguard.integrations.proxy import ProxyConfig, create_app
 from streamguard.integrations.proxy.routes import ROUTES
+from streamguard.testing.upstream import sse_body, text_chunks
 from tests.integration._proxy_upstream import RecordingUpstream, fixed, slow_reply, streamed
 from tests.integration._servers import serve_in_thread
 

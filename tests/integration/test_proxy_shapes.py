@@ -13,8 +13,8 @@ import pytest
 from openai import AsyncOpenAI
 
 from streamguard import Policy
-from streamguard._upstream import LoopbackUpstream, Reply, Script, sse_body, text_chunks
 from streamguard.integrations.proxy import ProxyConfig, create_app
+from streamguard.testing.upstream import LoopbackUpstream, Reply, Script, sse_body, text_chunks
 from tests.integration._proxy_upstream import RecordingUpstream, fixed, streamed
 from tests.integration._servers import serve_in_thread
 from tests.integration.test_proxy import STORY, Start, completion, words

@@ -253,9 +253,20 @@ def _read_file(path: str) -> dict[str, Any]:
         if name not in known:
             raise ConfigError(f"{path}: unknown policy option {name!r}")
         options[_POLICY + name] = value
+    known_options = _option_names()
     for name, value in data.items():
-        options[name.replace("-", "_")] = value
+        name = name.replace("-", "_")
+        if name not in known_options:
+            raise ConfigError(f"{path}: unknown option {name!r}")
+        options[name] = value
     return options
+
+
+def _option_names() -> set[str]:
+    parser = argparse.ArgumentParser(add_help=False)
+    add_arguments(parser)
+    names = {a.dest for a in parser._actions if not a.dest.startswith(_POLICY)}
+    return names - {"config"} | {"upstream_key_env", "moderation_key_env", "client_keys_env"}
 
 
 def _merged(args: argparse.Namespace) -> dict[str, Any]:
