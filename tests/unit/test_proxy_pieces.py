@@ -151,3 +151,26 @@ def test_event_parser_matches_the_reference_parser_on_any_split() -> None:
         got += ours.finish()
         want += reference.finish()
         assert [(e.decode() if e else None, d.decode()) for e, d in got] == [(e.event, e.data) for e in want]
+
+
+async def test_a_chunk_released_unchanged_goes_out_as_its_original_bytes() -> None:
+    """The encoder sends the very dict it was given as upstream's bytes, and serialises any other object."""
+    import httpx2
+    import orjson
+
+    from streamguard.integrations.proxy.shapes import Source, encoder
+
+    odd = b'{"id":"c", "choices" : [{"index":0,"delta":{"content":"Hi"}}],"x":1.50}'
+    body = b"data: " + odd + b"\n\ndata: {\"id\":\"d\",\"choices\":[]}\n\ndata: [DONE]\n\n"
+    response = httpx2.Response(200, content=body, request=httpx2.Request("POST", "http://up/v1/chat/completions"))
+    source = Source(response, "chat")
+    first = await source.__anext__()
+    second = await source.__anext__()
+    with pytest.raises(StopAsyncIteration):
+        await source.__anext__()
+    encode = encoder(source, "chat")
+    assert encode(first) == b"data: " + odd + b"\n\n"  # spacing and 1.50 kept: not re-serialised
+    edited = {**second, "choices": [{"index": 0, "delta": {"content": "[redacted]"}}]}
+    assert encode(edited) == b"data: " + orjson.dumps(edited) + b"\n\n"
+    copy = dict(first)  # equal but not the same object: serialised
+    assert encode(copy) == b"data: " + orjson.dumps(copy) + b"\n\n"
