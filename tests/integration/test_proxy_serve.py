@@ -38,7 +38,7 @@ def test_serve_runs_workers_and_switches_the_access_log(workers: int, access_log
         process = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         try:
             deadline = time.monotonic() + 30
-            statuses = []
+            statuses: list[int] = []
             while time.monotonic() < deadline and len(statuses) < 2 * workers:
                 try:
                     r = httpx2.get(f"http://127.0.0.1:{port}/v1/models", headers={"authorization": "Bearer caller-1"})
