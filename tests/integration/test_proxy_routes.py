@@ -113,6 +113,7 @@ async def test_text_free_routes_pass_through_the_openai_client(env: Env) -> None
     assert raw_models.headers["x-ratelimit-remaining-requests"] == "99"
     upload = next(s for s in env.upstream.seen if s.method == "POST" and s.path == "/v1/files")
     assert b'{"a":1}' in upload.body and upload.headers["content-type"].startswith("multipart/form-data")
+    assert upload.headers.get("content-length") == str(len(upload.body))  # streamed on, with its length
     assert {s.headers["authorization"] for s in env.upstream.seen} == {f"Bearer {SECRET}"}
 
 

@@ -161,7 +161,7 @@ async def test_a_chunk_released_unchanged_goes_out_as_its_original_bytes() -> No
     from streamguard.integrations.proxy.shapes import Source, encoder
 
     odd = b'{"id":"c", "choices" : [{"index":0,"delta":{"content":"Hi"}}],"x":1.50}'
-    body = b"data: " + odd + b"\n\ndata: {\"id\":\"d\",\"choices\":[]}\n\ndata: [DONE]\n\n"
+    body = b"data: " + odd + b'\n\ndata: {"id":"d","choices":[]}\n\ndata: [DONE]\n\n'
     response = httpx2.Response(200, content=body, request=httpx2.Request("POST", "http://up/v1/chat/completions"))
     source = Source(response, "chat")
     first = await source.__anext__()

@@ -92,6 +92,9 @@ class Upstream:
         if query:
             url = url.copy_with(query=query)
         headers = request_headers(request.headers.items(), self.config.upstream_api_key)
+        length = request.headers.get("content-length")
+        if content is not None and not isinstance(content, bytes) and length and length.isdigit():
+            headers.append(("content-length", length))  # a streamed upload keeps its length (no chunked upload)
         if identity or not any(name == "accept-encoding" for name, _ in headers):
             # Guarded answers are parsed: no compression. Passed ones keep what the caller accepts.
             headers = [(n, v) for n, v in headers if n != "accept-encoding"] + [("accept-encoding", "identity")]
