@@ -42,6 +42,11 @@ def test_every_policy_option_is_a_flag() -> None:
         "moderate_input": ["--moderate-input"],
         "input_max_chars": ["--input-max-chars", "500"],
         "close_timeout": ["--close-timeout", "1.5"],
+        # Options of the engine rewrite (used once Policy has them).
+        "max_held_chars": ["--max-held-chars", "5000"],
+        "idle_timeout": ["--idle-timeout", "none"],
+        "max_duration": ["--max-duration", "60"],
+        "channels": ["--channels", "content", "--channels", "refusal"],
     }
     fields = {f.name for f in dataclasses.fields(Policy)} - {"include_usage"}
     assert fields <= set(values), f"no test value for {fields - set(values)}"

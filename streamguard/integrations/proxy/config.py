@@ -200,7 +200,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         elif kind == "thresholds":
             policy.add_argument(flag, action="append", default=s, dest=dest, metavar="CATEGORY=SCORE")
         elif kind == "categories":
-            policy.add_argument(flag, action="append", default=s, dest=dest, metavar="CATEGORY")
+            policy.add_argument(flag, action="append", default=s, dest=dest, metavar="NAME")
+        elif isinstance(kind, _Optional):
+            policy.add_argument(flag, type=kind, default=s, dest=dest, metavar=f"{kind.base.__name__.upper()}|none")
         else:
             policy.add_argument(flag, type=kind, default=s, dest=dest)
 
@@ -224,10 +226,29 @@ def _policy_fields() -> list[tuple[str, Any]]:
             out.append((f.name, "categories"))
         elif origin in (typing.Union, types.UnionType):
             args = [a for a in typing.get_args(hint) if a is not type(None)]
-            out.append((f.name, args[0] if args and args[0] in (int, float, str) else str))
+            if len(args) != 1 or args[0] not in (int, float, str):
+                raise TypeError(f"Policy.{f.name}: no command-line form for {hint!r}")
+            out.append((f.name, _Optional(args[0])))
         else:
             raise TypeError(f"Policy.{f.name}: no command-line form for {hint!r}")
     return out
+
+
+class _Optional:
+    """An optional number or string option: its type, or ``none`` for ``None``."""
+
+    def __init__(self, base: type) -> None:
+        self.base = base
+        self.__name__ = base.__name__
+
+    def __call__(self, value: Any) -> Any:
+        if value is None or (isinstance(value, str) and value.strip().lower() == "none"):
+            return None
+        if isinstance(value, bool):
+            raise ValueError(f"expected a {self.base.__name__} or none")
+        if self.base is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError("expected a whole number or none")
+        return self.base(value)
 
 
 def _read_file(path: str) -> dict[str, Any]:
@@ -294,9 +315,15 @@ def _list(value: Any, name: str) -> list[str]:
 def _policy(options: Mapping[str, Any]) -> Policy:
     values: dict[str, Any] = {}
     for name, kind in _policy_fields():
-        if (value := options.get(_POLICY + name)) is None:
+        if (key := _POLICY + name) not in options:
             continue
-        if kind == "thresholds":
+        value = options[key]
+        if isinstance(kind, _Optional):
+            try:
+                values[name] = kind(value)
+            except (TypeError, ValueError):
+                raise ConfigError(f"policy option {name} must be a {kind.base.__name__} or none") from None
+        elif kind == "thresholds":
             values[name] = _thresholds(value)
         elif kind == "categories":
             values[name] = frozenset(_list(value, name))
