@@ -46,7 +46,9 @@ class Source:
 
     def __init__(self, response: httpx2.Response, shape: str) -> None:
         self._response = response
-        self._body = response.aiter_bytes()
+        # Asked for without compression: raw bytes skip httpx's decoder (unless upstream compressed anyway).
+        plain = response.headers.get("content-encoding", "identity").strip().lower() in ("", "identity")
+        self._body = response.aiter_raw() if plain else response.aiter_bytes()
         self._parser = EventParser()
         self._pending: deque[RawEvent] = deque()
         self._ended = False
