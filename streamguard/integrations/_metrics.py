@@ -5,8 +5,8 @@ Exposed at ``GET /metrics`` in the Prometheus text format:
 - ``streamguard_streams_total{outcome}``: streamed answers by how they ended: ``completed``,
   ``content_filter`` (a choice was cut off), ``error`` (upstream or moderation failed, before or
   during the stream) or ``disconnected`` (the client left).
-- ``streamguard_flags_total{category,action,source}``: flagged windows (streamed) and flagged
-  choices (non-streamed).
+- ``streamguard_flags_total{category,action,source}``: flagged windows, of streamed and
+  non-streamed answers alike (both are judged in windows).
 - ``streamguard_moderation_latency_seconds``: a histogram of moderation calls, one per window.
 - ``streamguard_upstream_errors_total{kind,status}``: upstream failures: ``kind`` is ``status``
   (an HTTP error, with its ``status``), ``timeout``, ``connection``, or ``stream`` (an error event
@@ -48,7 +48,7 @@ class ProxyMetrics:
         )
         self.flags = Counter(
             "streamguard_flags",
-            "Flagged windows (streamed) and choices (non-streamed).",
+            "Flagged windows (of streamed and non-streamed answers).",
             ["category", "action", "source"],
             registry=self.registry,
         )
@@ -82,7 +82,7 @@ class ProxyMetrics:
         self.count_flag(flag.category, flag.action, flag.source)
 
     def count_flag(self, category: str | None, action: str, source: str) -> None:
-        """One flag (a window, or a non-streamed choice)."""
+        """One flagged window."""
         self.flags.labels(category=category or "unknown", action=action, source=source).inc()
 
     def error(self, exc: BaseException) -> None:
