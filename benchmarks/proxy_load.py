@@ -16,10 +16,10 @@ Systems under test, at each concurrency level, side by side in one run:
 - ``proxy-openai``: ``streamguard serve --moderator openai`` with its own moderation key, i.e. one
   batched ``OpenAIModerator`` per worker calling the loopback moderation endpoint.
 
-Measured per run: CPU time of the middle process and its workers (``/proc``, during the load only)
-per relayed chunk; chunks per second per core (its inverse); added time to first token and
-inter-chunk p99 against ``direct``; and whether every stream arrived whole (every word, in order,
-then ``[DONE]``). Writes JSON and a chart.
+Measured per run, after warming every worker up: CPU time of the middle process and its workers
+(``/proc``, during the load only) per relayed chunk; chunks per second per core (its inverse);
+added time to first token and inter-chunk p99 against ``direct``; and whether every stream
+arrived whole (every word, in order, then ``[DONE]``). Writes JSON and a chart.
 
 Usage::
 
@@ -365,6 +365,13 @@ def one_run(
         wait_port(port)
         time.sleep(1.0 + 0.5 * workers)  # every worker up
         url = f"http://127.0.0.1:{port}/v1"
+        # Warm every worker up (imports, tiktoken's encoding, pools): one-time costs are not per chunk.
+        warm = spawn(
+            [sys.executable, str(HERE), "--role", "clients", "--url", url, "--streams", str(8 * workers)]
+            + ["--rounds", "1", "--words", str(opts.words)],
+            side_cores,
+        )
+        warm.communicate(timeout=600)
     try:
         before = tree_cpu(process.pid) if process else 0.0
         client = spawn(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import random
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -167,7 +168,12 @@ async def test_a_chunk_released_unchanged_goes_out_as_its_original_bytes() -> No
 
     odd = b'{"id":"c", "choices" : [{"index":0,"delta":{"content":"Hi"}}],"x":1.50}'
     body = b"data: " + odd + b'\n\ndata: {"id":"d","choices":[]}\n\ndata: [DONE]\n\n'
-    response = httpx2.Response(200, content=body, request=httpx2.Request("POST", "http://up/v1/chat/completions"))
+
+    async def arrives() -> AsyncIterator[bytes]:
+        for i in range(0, len(body), 7):  # in pieces, as from the network
+            yield body[i : i + 7]
+
+    response = httpx2.Response(200, content=arrives(), request=httpx2.Request("POST", "http://up/v1/chat/completions"))
     source = Source(response, "chat")
     first = await source.__anext__()
     second = await source.__anext__()
