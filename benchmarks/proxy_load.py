@@ -427,7 +427,9 @@ def chart(report: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    order = {"relay": 0, "proxy-keyword": 1, "proxy-openai": 2}
     rows = [r for r in report["summary"] if r["system"] != "direct"]
+    rows.sort(key=lambda r: (r["concurrency"], r["workers"], order[r["system"]]))
     labels = [f"{r['system']}\nw{r['workers']} c{r['concurrency']}" for r in rows]
     fig, ax = plt.subplots(figsize=(max(6, len(rows) * 0.9), 4))
     colours = {"relay": "#888888", "proxy-keyword": "#2a7ab0", "proxy-openai": "#d9822b"}
