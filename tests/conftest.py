@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 from openai import AsyncOpenAI
 
 from streamguard.testing.upstream import LoopbackUpstream
+from tests.integration._redis import RedisServer
 
 
 @pytest.fixture
@@ -45,3 +47,14 @@ def other_tasks() -> set[asyncio.Task[object]]:
 def _code_file(task: asyncio.Task[object]) -> str:
     code = getattr(task.get_coro(), "cr_code", None)
     return code.co_filename if code is not None else ""
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A real ``redis-server`` on a free 127.0.0.1 port (Debian's; scripts/test.sh installs it), stopped after."""
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ._base import Moderator, Verdict
+from ._budget import BudgetStats, ModerationBudget
 from .composite import CompositeModerator
 from .embedding import EmbeddingModerator
 from .keyword import KeywordModerator
@@ -10,10 +11,12 @@ from .local import LocalModerator
 from .openai import ModerationStats, OpenAIModerator
 
 __all__ = [
+    "BudgetStats",
     "CompositeModerator",
     "EmbeddingModerator",
     "KeywordModerator",
     "LocalModerator",
+    "ModerationBudget",
     "ModerationStats",
     "Moderator",
     "OpenAIModerator",

@@ -36,6 +36,7 @@ from pydantic import AllowInfNan, Strict
 from ..exceptions import ConfigError, ModerationError
 from ._base import Verdict
 from ._batcher import Batcher
+from ._budget import ModerationBudget, budget_key
 
 if TYPE_CHECKING:
     from openai._legacy_response import LegacyAPIResponse
@@ -179,6 +180,11 @@ class OpenAIModerator(_EndpointModerator):
         max_retries: Retries of a failed request (429, 5xx, connection error, timeout).
         timeout: Seconds one HTTP request may take.
         backoff: Base of the exponential backoff, in seconds (doubled per retry, jittered).
+        redis_url: Keep the rate-limit budget in this Redis, shared by every process that uses the
+            same endpoint and key (see :class:`~streamguard.moderation.ModerationBudget`).
+        requests_per_minute: The endpoint's request limit; None: learned from its headers.
+        tokens_per_minute: The endpoint's token limit; None: learned from its headers.
+        budget: A budget to pace through instead (overrides the three options above).
 
     Raises:
         ConfigError: An option is out of range.
@@ -194,11 +200,28 @@ class OpenAIModerator(_EndpointModerator):
         max_retries: int = 3,
         timeout: float = 10.0,
         backoff: float = 0.25,
+        redis_url: str | None = None,
+        requests_per_minute: float | None = None,
+        tokens_per_minute: float | None = None,
+        budget: ModerationBudget | None = None,
     ) -> None:
         super().__init__(
             client, max_batch=max_batch, max_wait=max_wait, max_retries=max_retries, timeout=timeout, backoff=backoff
         )
         self.model = model
+        if budget is None and (redis_url or requests_per_minute or tokens_per_minute):
+            budget = ModerationBudget(
+                redis_url,
+                key=budget_key(str(client.base_url), client.api_key),
+                requests_per_minute=requests_per_minute,
+                tokens_per_minute=tokens_per_minute,
+            )
+        self._retrier.budget = budget
+
+    @property
+    def budget(self) -> ModerationBudget | None:
+        """The rate-limit budget paced through beyond the headers (None: headers only, per process)."""
+        return self._retrier.budget
 
     async def _send(self, texts: list[str]) -> list[Verdict]:
         raw = await self._retrier.call(
@@ -222,6 +245,7 @@ class _Retrier:
         self.requests = 0  # HTTP requests sent, retries included
         self.retries = 0
         self.paced = 0.0  # seconds spent waiting for a rate-limit reset
+        self.budget: ModerationBudget | None = None  # shared (or configured) budget, taken from first
 
     async def call(
         self, send: Callable[[], Awaitable[LegacyAPIResponse[_T]]], *, tokens: int, what: str
@@ -233,12 +257,16 @@ class _Retrier:
         """
         attempt = 0
         while True:
+            if self.budget is not None:
+                self.paced += await self.budget.acquire(tokens)
             await self._pace(tokens)
             self.requests += 1
             try:
                 raw = await send()
             except openai.APIStatusError as exc:
                 self.limits.update(exc.response.headers)
+                if self.budget is not None:
+                    await self.budget.observe(exc.response.headers, exc.status_code)
                 retryable = exc.status_code in _RETRY_STATUS or exc.status_code >= 500
                 delay = _retry_after(exc.response.headers)
                 if not retryable or attempt >= self.max_retries:
@@ -255,6 +283,8 @@ class _Retrier:
                     ) from exc
             else:
                 self.limits.update(raw.headers)
+                if self.budget is not None:
+                    await self.budget.observe(raw.headers, raw.status_code)
                 return raw
             if delay is None:
                 delay = min(_MAX_BACKOFF, self.backoff * 2**attempt) * random.uniform(0.5, 1.0)

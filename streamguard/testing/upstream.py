@@ -26,6 +26,7 @@ import anyio
 
 __all__ = [
     "LoopbackUpstream",
+    "RateLimitedModeration",
     "Reply",
     "Script",
     "hashed_embeddings",
@@ -345,6 +346,60 @@ def keyword_moderation(words: Sequence[str], *, category: str = "violence") -> M
         return Reply({"id": "modr-loopback", "model": model, "results": results})
 
     return handler
+
+
+class RateLimitedModeration:
+    """A Moderation-endpoint handler that allows ``requests`` per ``window`` seconds, as OpenAI does.
+
+    Windows are fixed (aligned on the server's clock). Every reply carries OpenAI's rate-limit
+    headers (``x-ratelimit-limit-requests`` as a per-minute figure, ``-remaining-requests``,
+    ``-reset-requests``); past the limit the reply is a 429 ``rate_limit_exceeded`` error.
+    ``accepted`` and ``rejected`` count the requests answered each way.
+
+    Args:
+        requests: Requests allowed per window.
+        window: Seconds per window.
+        inner: Answers the accepted requests (default: :func:`keyword_moderation` with no words).
+    """
+
+    def __init__(self, requests: int, window: float, inner: ModerationHandler | None = None) -> None:
+        self.requests = requests
+        self.window = window
+        self.inner = inner or keyword_moderation(())
+        self.accepted = 0
+        self.rejected = 0
+        self._lock = threading.Lock()
+        self._current = -1
+        self._used = 0
+
+    def __call__(self, body: dict[str, Any]) -> Reply:
+        now = time.monotonic()
+        with self._lock:
+            index = math.floor(now / self.window)
+            if index != self._current:
+                self._current, self._used = index, 0
+            allowed = self._used < self.requests
+            self._used += allowed
+            remaining = self.requests - self._used
+            if allowed:
+                self.accepted += 1
+            else:
+                self.rejected += 1
+        reset_ms = max(1, math.ceil(((index + 1) * self.window - now) * 1000))
+        headers = {
+            "x-ratelimit-limit-requests": str(round(self.requests * 60 / self.window)),
+            "x-ratelimit-remaining-requests": str(remaining),
+            "x-ratelimit-reset-requests": f"{reset_ms}ms",
+        }
+        if not allowed:
+            error = {
+                "message": f"Rate limit reached for requests: limit {self.requests} per {self.window}s",
+                "type": "requests",
+                "code": "rate_limit_exceeded",
+            }
+            return Reply({"error": error}, 429, headers)
+        reply = self.inner(body)
+        return Reply(reply.body, reply.status, {**reply.headers, **headers}, reply.delay)
 
 
 _STORY_VOCAB = (
