@@ -224,7 +224,9 @@ class StreamGuardrail(CustomGuardrail):
         params = {k: kwargs.pop(k) for k in list(kwargs) if k.lower().startswith(_PREFIX)}
         self.config = GuardrailConfig.from_params(params)
         self.moderator = shared_moderator(self.config)
-        self._input_flags: OrderedDict[str, bool] = OrderedDict()
+        # id(request dict) -> (that dict, whether its input was flagged). Keyed by the dict itself,
+        # not by litellm_call_id, which a client may set (x-litellm-call-id) to collide with another.
+        self._input_flags: OrderedDict[int, tuple[dict[str, Any], bool]] = OrderedDict()
         kwargs.setdefault("supported_event_hooks", [GuardrailEventHooks.post_call, GuardrailEventHooks.during_call])
         super().__init__(**kwargs)
 
@@ -262,10 +264,7 @@ class StreamGuardrail(CustomGuardrail):
         """
         if not self.config.policy.moderate_input or data.get("stream") or not _messages(data):
             return
-        call_id = data.get("litellm_call_id")
-        if not isinstance(call_id, str):
-            return
-        self._input_flags[call_id] = await self._input_flagged(data)
+        self._input_flags[id(data)] = (data, await self._input_flagged(data))
         while len(self._input_flags) > _MAX_PENDING_INPUTS:
             self._input_flags.popitem(last=False)
 
@@ -275,16 +274,30 @@ class StreamGuardrail(CustomGuardrail):
         Returns:
             A new ``ModelResponse`` when something was cut or redacted, else ``None`` (unchanged).
         """
+        known = self._input_verdict(data)
         if not isinstance(response, ModelResponse):
             return None
         if self.should_run_guardrail(data=data, event_type=GuardrailEventHooks.post_call) is not True:
             return None
-        call_id = data.get("litellm_call_id")
-        known = self._input_flags.pop(call_id, None) if isinstance(call_id, str) else None
         if known:
             return _blocked(response)
         check_input = self.config.policy.moderate_input and known is None
         return await _moderate_answer(response, data, self.moderator, self.config.policy, check_input)
+
+    async def async_post_call_failure_hook(
+        self,
+        request_data: dict[str, Any],
+        original_exception: Exception,
+        user_api_key_dict: Any,
+        traceback_str: str | None = None,
+    ) -> None:
+        """The upstream call failed: forget the input verdict kept for its post-call hook."""
+        self._input_verdict(request_data)
+
+    def _input_verdict(self, data: dict[str, Any]) -> bool | None:
+        """Take the during-call verdict on ``data``'s input (``None`` if there is none)."""
+        kept = self._input_flags.pop(id(data), None)
+        return kept[1] if kept is not None and kept[0] is data else None
 
     async def _input_flagged(self, data: Mapping[str, Any]) -> bool:
         policy = replace(self.config.policy, mode="holdback", moderate_input=True)

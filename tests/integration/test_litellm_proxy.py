@@ -17,7 +17,7 @@ import pytest
 from openai import AsyncOpenAI
 from openai.types.chat import ChatCompletionChunk
 
-from streamguard._upstream import LoopbackUpstream, Reply, Script, text_chunks
+from streamguard.testing.upstream import LoopbackUpstream, Reply, Script, keyword_moderation, text_chunks
 from tests.integration._litellm_proxy import LiteLLMProxy, run_litellm
 
 pytest.importorskip("litellm", reason="the [litellm] extra is part of [dev]")
@@ -106,6 +106,13 @@ guardrails:
       mode: post_call
       streamguard_action: redact
       streamguard_redaction: "[removed]"
+  - guardrail_name: sg-openai
+    litellm_params:
+      guardrail: streamguard.integrations.litellm.StreamGuardrail
+      mode: [post_call, during_call]
+      streamguard_moderator: openai
+      streamguard_moderation_base_url: {base_url}
+      streamguard_moderation_api_key: moderation-key
 litellm_settings:
   telemetry: false
 """
@@ -114,7 +121,7 @@ litellm_settings:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     workdir: Path = tmp_path_factory.mktemp("litellm")
-    with LoopbackUpstream(chat=answer) as upstream:
+    with LoopbackUpstream(chat=answer, moderation=keyword_moderation([FLAG])) as upstream:
         with run_litellm(CONFIG.format(base_url=upstream.base_url), workdir, ENV) as proxy:
             yield Setup(upstream, proxy)
 
@@ -242,6 +249,31 @@ async def test_non_streamed_redact_replaces_only_the_flagged_window(setup: Setup
 async def test_non_streamed_flagged_input_is_answered_with_content_filter(setup: Setup, client: AsyncOpenAI) -> None:
     """Input moderation during the upstream call (LiteLLM's during_call hook): no text, content_filter."""
     assert await complete(client, f"say something calm about the {FLAG} thing") == ("", "content_filter")
+
+
+def moderated_texts(upstream: LoopbackUpstream) -> list[str]:
+    """Every text the upstream's Moderation endpoint was asked about, in order."""
+    inputs = [body.get("input", []) for path, body in upstream.requests if path == "/v1/moderations"]
+    return [t for i in inputs for t in ([i] if isinstance(i, str) else i)]
+
+
+async def test_non_streamed_input_is_moderated_beside_the_upstream_call(setup: Setup, client: AsyncOpenAI) -> None:
+    """With ``during_call``, a flagged input is judged in LiteLLM's moderation hook while upstream answers:
+    only the prompt goes to the Moderation endpoint, the answer is never sent there, and none of it is shown."""
+    upstream = setup.upstream
+    texts, chats = len(moderated_texts(upstream)), upstream.count("/v1/chat/completions")
+    prompt = f"say something calm about the {FLAG} thing"
+    assert await complete(client, prompt, guardrail="sg-openai") == ("", "content_filter")
+    sent = moderated_texts(upstream)[texts:]
+    assert len(sent) == 1 and prompt in sent[0]
+    assert upstream.count("/v1/chat/completions") == chats + 1
+
+
+async def test_openai_moderator_cuts_a_flagged_stream(setup: Setup, client: AsyncOpenAI) -> None:
+    """The Moderation-endpoint moderator (batched, shared by the process) cuts a flagged stream like the keyword one."""
+    got = await stream(client, "tell me the flagged plan", guardrail="sg-openai")
+    assert got.finish_reason == "content_filter"
+    assert FLAG not in got.text and FLAGGED_TEXT.startswith(got.text)
 
 
 def test_proxy_log_has_no_traceback(setup: Setup) -> None:
