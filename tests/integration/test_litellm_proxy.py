@@ -48,20 +48,6 @@ def words(text: str) -> list[str]:
     return [parts[0]] + [" " + p for p in parts[1:]]
 
 
-def tool_chunks(arguments: list[str]) -> list[dict[str, Any]]:
-    """A streamed tool call: the name first, then the arguments in pieces, then ``tool_calls``."""
-    head = {"id": "chatcmpl-tool", "object": "chat.completion.chunk", "created": 1_700_000_000, "model": "gpt-4o-mini"}
-
-    def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
-        return {**head, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
-
-    first = {"index": 0, "id": "call_1", "type": "function", "function": {"name": "lookup", "arguments": ""}}
-    out = [chunk({"role": "assistant", "content": None, "tool_calls": [first]})]
-    out += [chunk({"tool_calls": [{"index": 0, "function": {"arguments": a}}]}) for a in arguments]
-    out.append(chunk({}, "tool_calls"))
-    return out
-
-
 def completion(text: str) -> dict[str, Any]:
     message = {"role": "assistant", "content": text}
     choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}
@@ -76,8 +62,6 @@ def answer(body: dict[str, Any]) -> Script | Reply:
     if not body.get("stream"):
         text = ANSWER_FLAGGED if "flagged" in prompt else ANSWER_CLEAN
         return Reply(completion(text))
-    if "tool" in prompt:
-        return Script(tool_chunks(['{"q": "the ', f"{FLAG} ", 'plan"}']), delay=0.005)
     text = FLAGGED_TEXT if "flagged" in prompt else CLEAN_TEXT
     return Script(text_chunks(words(text)), delay=0.005)
 
@@ -193,16 +177,6 @@ async def test_redact_replaces_the_flagged_window_and_goes_on(setup: Setup, clie
     before, _, after = got.text.partition("[removed]")
     assert FLAGGED_TEXT.startswith(before) and before.startswith("The plan was simple")
     assert FLAGGED_TEXT.endswith(after) and after.endswith("more298 more299")
-
-
-async def test_flagged_tool_call_arguments_never_arrive(setup: Setup, client: AsyncOpenAI) -> None:
-    """A tool call whose arguments hold the flagged word is never emitted; the choice ends with content_filter."""
-    got = await stream(client, "call the tool")
-    calls = [t for c in got.chunks if c.choices for t in c.choices[0].delta.tool_calls or ()]
-    arguments = "".join(t.function.arguments or "" for t in calls if t.function is not None)
-    assert FLAG not in arguments
-    assert calls == []
-    assert got.finish_reason == "content_filter"
 
 
 async def test_flagged_input_ends_the_stream_with_content_filter(setup: Setup, client: AsyncOpenAI) -> None:
