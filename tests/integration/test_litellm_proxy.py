@@ -20,8 +20,6 @@ from openai.types.chat import ChatCompletionChunk
 from streamguard.testing.upstream import LoopbackUpstream, Reply, Script, keyword_moderation, text_chunks
 from tests.integration._litellm_proxy import LiteLLMProxy, run_litellm
 
-pytest.importorskip("litellm", reason="the [litellm] extra is part of [dev]")
-
 FLAG = "forbidden"
 CLEAN_TEXT = " ".join(f"calm{i} river{i} garden{i}" for i in range(15))
 HEAD = "The plan was simple and the team was ready to begin the quiet work of the day"
