@@ -32,6 +32,7 @@ ANSWER_FLAGGED = (
     + " ".join(f"wave{i}" for i in range(80))
     + " about the sea and the sky."
 )
+CALM_THOUGHTS = "I should think about gardens and rivers first and then answer"
 ENV = {
     "STREAMGUARD_MODERATOR": "keyword",
     "STREAMGUARD_KEYWORDS": f"{FLAG},secret sauce",
@@ -44,6 +45,26 @@ ENV = {
 def words(text: str) -> list[str]:
     parts = text.split(" ")
     return [parts[0]] + [" " + p for p in parts[1:]]
+
+
+def channel_chunks(field: str, deltas: list[Any], *, finish: str, then: str = "") -> list[dict[str, Any]]:
+    """A stream whose text comes in another channel: ``tool_calls`` (a call named first, then its
+    arguments in pieces) or ``reasoning_content``; ``then`` is content after it."""
+    head = {"id": "chatcmpl-tool", "object": "chat.completion.chunk", "created": 1_700_000_000, "model": "gpt-4o-mini"}
+
+    def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
+        return {**head, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+
+    out = [chunk({"role": "assistant", "content": None})]
+    if field == "tool_calls":
+        first = {"index": 0, "id": "call_1", "type": "function", "function": {"name": "lookup", "arguments": ""}}
+        out.append(chunk({"tool_calls": [first]}))
+        out += [chunk({"tool_calls": [{"index": 0, "function": {"arguments": d}}]}) for d in deltas]
+    else:
+        out += [chunk({field: d}) for d in deltas]
+    out += [chunk({"content": w}) for w in words(then)] if then else []
+    out.append(chunk({}, finish))
+    return out
 
 
 def completion(text: str) -> dict[str, Any]:
@@ -60,6 +81,12 @@ def answer(body: dict[str, Any]) -> Script | Reply:
     if not body.get("stream"):
         text = ANSWER_FLAGGED if "flagged" in prompt else ANSWER_CLEAN
         return Reply(completion(text))
+    if "tool" in prompt:
+        arguments = ['{"q": "the ', f"{FLAG} ", 'plan"}']
+        return Script(channel_chunks("tool_calls", arguments, finish="tool_calls"), delay=0.005)
+    if "reasoning" in prompt:
+        thoughts = words(CALM_THOUGHTS if "calm" in prompt else f"I should think about the {FLAG} trick first")
+        return Script(channel_chunks("reasoning_content", thoughts, finish="stop", then=CLEAN_TEXT), delay=0.005)
     text = FLAGGED_TEXT if "flagged" in prompt else CLEAN_TEXT
     return Script(text_chunks(words(text)), delay=0.005)
 
@@ -175,6 +202,40 @@ async def test_redact_replaces_the_flagged_window_and_goes_on(setup: Setup, clie
     before, _, after = got.text.partition("[removed]")
     assert FLAGGED_TEXT.startswith(before) and before.startswith("The plan was simple")
     assert FLAGGED_TEXT.endswith(after) and after.endswith("more298 more299")
+
+
+async def test_flagged_tool_call_arguments_never_arrive(setup: Setup, client: AsyncOpenAI) -> None:
+    """A tool call whose arguments hold the flagged word is never emitted, not even its name;
+    the choice ends with content_filter."""
+    got = await stream(client, "call the tool")
+    calls = [t for c in got.chunks if c.choices for t in c.choices[0].delta.tool_calls or ()]
+    arguments = "".join(t.function.arguments or "" for t in calls if t.function is not None)
+    assert FLAG not in arguments
+    assert calls == []
+    assert got.finish_reason == "content_filter"
+
+
+def reasoning_of(got: Received) -> str:
+    return "".join(
+        str((c.choices[0].delta.model_extra or {}).get("reasoning_content") or "") for c in got.chunks if c.choices
+    )
+
+
+async def test_clean_reasoning_arrives_whole(setup: Setup, client: AsyncOpenAI) -> None:
+    """Reasoning passes through LiteLLM and the guardrail whole when it is clean, then the answer."""
+    got = await stream(client, "think in reasoning, calmly")
+    assert reasoning_of(got) == CALM_THOUGHTS
+    assert got.text == CLEAN_TEXT
+    assert got.finish_reason == "stop"
+
+
+async def test_flagged_reasoning_never_arrives(setup: Setup, client: AsyncOpenAI) -> None:
+    """Reasoning (``reasoning_content``) is a moderated channel: the flagged thought is never shown and
+    the choice ends with content_filter before any answer text."""
+    got = await stream(client, "think in reasoning first")
+    assert FLAG not in reasoning_of(got)
+    assert got.text == ""
+    assert got.finish_reason == "content_filter"
 
 
 async def test_flagged_input_ends_the_stream_with_content_filter(setup: Setup, client: AsyncOpenAI) -> None:
