@@ -389,19 +389,26 @@ async def _moderate_answer(
         return None
     result = response.model_copy(deep=True)
     for choice in result.choices:
-        message = after.get(choice.index, _Message())
-        choice.finish_reason = cast(Any, message.finish_reason or "content_filter")
-        choice.message.content = message.content if message.content or choice.message.content is not None else None
-        if getattr(choice.message, "reasoning_content", None) is not None or message.reasoning:
-            choice.message.reasoning_content = message.reasoning or None
-        if choice.message.tool_calls or message.tool_calls:
+        old, new = before.get(choice.index, _Message()), after.get(choice.index, _Message())
+        if new == old:
+            continue
+        message = choice.message
+        choice.finish_reason = cast(Any, new.finish_reason or "content_filter")
+        if new.content != old.content:
+            message.content = new.content if new.content or message.content is not None else None
+        if new.refusal != old.refusal:
+            message.refusal = new.refusal or None
+        if new.reasoning != old.reasoning:
+            message.reasoning_content = new.reasoning or None
+            message.thinking_blocks = None  # the provider's copy of the reasoning, unmoderated
+        if new.tool_calls != old.tool_calls:
             calls: list[ChatCompletionMessageToolCall | ChatCompletionMessageCustomToolCall] = [
                 ChatCompletionMessageToolCall(
                     function={"name": c["name"], "arguments": c["arguments"]}, id=c["id"], type="function"
                 )
-                for c in message.tool_calls or ()
+                for c in new.tool_calls or ()
             ]
-            choice.message.tool_calls = calls or None
+            message.tool_calls = calls or None
     return result
 
 
@@ -427,6 +434,7 @@ def _as_chunks(response: ModelResponse) -> list[dict[str, Any]]:
         deltas: list[dict[str, Any]] = [{"role": "assistant", "content": ""}]
         deltas += [{"reasoning_content": w} for w in _WORDS.findall(getattr(message, "reasoning_content", None) or "")]
         deltas += [{"content": w} for w in _WORDS.findall(message.content or "")]
+        deltas += [{"refusal": w} for w in _WORDS.findall(getattr(message, "refusal", None) or "")]
         for i, call in enumerate(message.tool_calls or ()):
             first = _tool_call_delta(i, call)
             arguments = first["function"]["arguments"]
@@ -482,8 +490,9 @@ def _blocked(response: ModelResponse) -> ModelResponse:
         choice.finish_reason = "content_filter"
         choice.message.content = ""
         choice.message.tool_calls = None
-        if getattr(choice.message, "reasoning_content", None) is not None:
-            choice.message.reasoning_content = None
+        choice.message.refusal = None
+        choice.message.reasoning_content = None
+        choice.message.thinking_blocks = None
     return result
 
 

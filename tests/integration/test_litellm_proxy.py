@@ -32,6 +32,7 @@ ANSWER_FLAGGED = (
     + " ".join(f"wave{i}" for i in range(80))
     + " about the sea and the sky."
 )
+CALM_ARGUMENTS = '{"q": "gardens and rivers"}'
 CALM_THOUGHTS = "I should think about gardens and rivers first and then answer"
 ENV = {
     "STREAMGUARD_MODERATOR": "keyword",
@@ -75,10 +76,20 @@ def completion(text: str) -> dict[str, Any]:
     return {**head, "choices": [choice], "usage": usage}
 
 
+def tool_completion(arguments: str) -> dict[str, Any]:
+    call = {"id": "call_1", "type": "function", "function": {"name": "lookup", "arguments": arguments}}
+    body = completion("")
+    message = {"role": "assistant", "content": None, "tool_calls": [call]}
+    body["choices"][0].update(message=message, finish_reason="tool_calls")
+    return body
+
+
 def answer(body: dict[str, Any]) -> Script | Reply:
     """The upstream's reply, chosen by the last user message."""
     prompt = str(body["messages"][-1]["content"])
     if not body.get("stream"):
+        if "tool" in prompt:
+            return Reply(tool_completion(CALM_ARGUMENTS if "calm" in prompt else f'{{"q": "the {FLAG} plan"}}'))
         text = ANSWER_FLAGGED if "flagged" in prompt else ANSWER_CLEAN
         return Reply(completion(text))
     if "tool" in prompt:
@@ -277,6 +288,29 @@ async def test_non_streamed_redact_replaces_only_the_flagged_window(setup: Setup
     assert ANSWER_FLAGGED.startswith(before) and before.startswith("First a long clean part")
     assert ANSWER_FLAGGED.endswith(after) and after.endswith("the sea and the sky.")
     assert finish == "stop"
+
+
+async def test_non_streamed_tool_calls_are_judged(setup: Setup, client: AsyncOpenAI) -> None:
+    """Non-streamed: a clean tool call comes back as sent; one whose arguments hold the flagged word is removed
+    whole and the choice ends with content_filter."""
+    with anyio.fail_after(30):
+        clean = await client.chat.completions.create(
+            model="gpt-4o-mini",
+            messages=[{"role": "user", "content": "call the tool, calmly"}],
+            extra_body={"guardrails": ["sg-env"]},
+        )
+        flagged = await client.chat.completions.create(
+            model="gpt-4o-mini",
+            messages=[{"role": "user", "content": "call the tool"}],
+            extra_body={"guardrails": ["sg-env"]},
+        )
+    calls = clean.choices[0].message.tool_calls or []
+    assert [(c.function.name, c.function.arguments) for c in calls if c.type == "function"] == [
+        ("lookup", CALM_ARGUMENTS)
+    ]
+    assert clean.choices[0].finish_reason == "tool_calls"
+    assert not flagged.choices[0].message.tool_calls
+    assert flagged.choices[0].finish_reason == "content_filter"
 
 
 async def test_non_streamed_flagged_input_is_answered_with_content_filter(setup: Setup, client: AsyncOpenAI) -> None:
