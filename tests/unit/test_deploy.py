@@ -1,0 +1,87 @@
+"""The deployment examples in deploy/: valid YAML, and what they promise is wired up consistently."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+
+
+def _flags(args: list[str]) -> dict[str, str]:
+    """``--name=value`` arguments as a dict."""
+    flags = {}
+    for arg in args:
+        assert arg.startswith("--") and "=" in arg, arg
+        name, _, value = arg[2:].partition("=")
+        flags[name] = value
+    return flags
+
+
+def _seconds(value: str) -> float:
+    match = re.fullmatch(r"(\d+)s", value)
+    assert match, value
+    return float(match[1])
+
+
+def test_compose_file_shares_one_redis_and_drains_before_the_kill() -> None:
+    compose: dict[str, Any] = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    services = compose["services"]
+    assert set(services) >= {"redis", "streamguard", "lb"}
+    proxy = services["streamguard"]
+    flags = _flags(proxy["command"])
+    assert flags["redis-url"] == "redis://redis:6379/0"  # the redis service, by its compose name
+    assert int(flags["workers"]) >= 2
+    assert proxy["deploy"]["replicas"] >= 2
+    assert _seconds(proxy["stop_grace_period"]) > float(flags["drain-timeout"])
+    assert "/readyz" in " ".join(proxy["healthcheck"]["test"])
+    assert proxy["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert proxy["build"]["dockerfile"] == "deploy/Dockerfile"
+    assert (DEPLOY.parent / proxy["build"]["dockerfile"]).is_file()
+    # Secrets come from the environment, never written in the file.
+    assert all(str(v).startswith("${") for v in proxy["environment"].values())
+    nginx = compose["configs"]["nginx"]["content"]
+    assert "server streamguard:8000;" in nginx and "proxy_buffering off;" in nginx
+    assert services["lb"]["configs"][0]["source"] == "nginx"
+
+
+def test_kubernetes_example_is_consistent() -> None:
+    docs = [d for d in yaml.safe_load_all((DEPLOY / "k8s.yaml").read_text()) if d is not None]
+    for doc in docs:
+        assert {"apiVersion", "kind", "metadata", "spec"} <= set(doc), doc
+    by_kind: dict[tuple[str, str], dict[str, Any]] = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+    assert set(by_kind) == {
+        ("Deployment", "streamguard-redis"),
+        ("Service", "streamguard-redis"),
+        ("Deployment", "streamguard"),
+        ("Service", "streamguard"),
+    }
+    for name in ("streamguard", "streamguard-redis"):
+        deployment, service = by_kind["Deployment", name], by_kind["Service", name]
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
+        assert service["spec"]["selector"].items() <= labels.items()
+    proxy = by_kind["Deployment", "streamguard"]
+    pod = proxy["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    flags = _flags(container["args"])
+    assert flags["redis-url"] == "redis://streamguard-redis:6379/0"  # the Redis Service, by name
+    assert int(flags["workers"]) >= 2
+    assert proxy["spec"]["replicas"] >= 2
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert pod["terminationGracePeriodSeconds"] > float(flags["drain-timeout"]) + pre_stop
+    assert proxy["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    env = {e["name"]: e for e in container["env"]}
+    assert all("secretKeyRef" in env[name]["valueFrom"] for name in ("OPENAI_API_KEY", "STREAMGUARD_KEYS"))
+    assert flags["upstream-key-env"] in env and flags["client-keys-env"] in env
+
+
+def test_dockerfile_installs_the_server_and_redis_extras() -> None:
+    text = (DEPLOY / "Dockerfile").read_text()
+    assert re.search(r'pip install .*"\.\[server,redis\]"', text)
+    assert 'ENTRYPOINT ["streamguard", "serve"]' in text
