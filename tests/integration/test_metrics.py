@@ -48,8 +48,10 @@ def completion(text: str) -> dict[str, Any]:
 
 
 def value(samples: Samples, name: str, **labels: str) -> float:
-    """A sample's value; 0 when the series does not exist (yet)."""
-    return samples.get((name, frozenset(labels.items())), 0.0)
+    """The sum of the samples of ``name`` that carry ``labels`` (and any others, e.g. route and moderator); 0
+    when there is none (yet)."""
+    wanted = set(labels.items())
+    return sum(v for (n, have), v in samples.items() if n == name and wanted <= have)
 
 
 @pytest.fixture

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import argparse
 import re
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
+
+from streamguard.exceptions import ConfigError
+from streamguard.integrations.proxy.config import (
+    ProxyConfig,
+    ServeOptions,
+    add_arguments,
+    config_from_args,
+    options_from_args,
+)
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 
@@ -85,3 +96,40 @@ def test_dockerfile_installs_the_server_and_redis_extras() -> None:
     text = (DEPLOY / "Dockerfile").read_text()
     assert re.search(r'pip install .*"\.\[server,redis\]"', text)
     assert 'ENTRYPOINT ["streamguard", "serve"]' in text
+
+
+def _serve_config(args: list[str], monkeypatch: pytest.MonkeyPatch) -> tuple[ProxyConfig, ServeOptions]:
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    monkeypatch.setenv("STREAMGUARD_KEYS", "key-a,key-b")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    parsed = parser.parse_args(args)
+    return config_from_args(parsed), options_from_args(parsed)
+
+
+def test_the_examples_arguments_are_what_serve_accepts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The compose and Kubernetes arguments parse with the real `serve` parser into the intended config."""
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]["streamguard"]["command"]
+    k8s = [d for d in yaml.safe_load_all((DEPLOY / "k8s.yaml").read_text()) if d]
+    (proxy,) = [d for d in k8s if d["kind"] == "Deployment" and d["metadata"]["name"] == "streamguard"]
+    k8s_args = proxy["spec"]["template"]["spec"]["containers"][0]["args"]
+    for args, redis_host in ((compose, "redis"), (k8s_args, "streamguard-redis")):
+        config, options = _serve_config(args, monkeypatch)
+        assert config.redis_url == f"redis://{redis_host}:6379/0"
+        assert config.upstream_api_key == "sk-test" and config.client_keys == {"key-a", "key-b"}
+        assert config.drain_timeout == float(_flags(args)["drain-timeout"])
+        assert options.workers == 2 and options.host == "0.0.0.0"
+
+
+def test_redis_url_with_a_password_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    base = ["--upstream=https://api.openai.com/v1"]
+    with pytest.raises(ConfigError, match="redis_url_env"):
+        _serve_config([*base, "--redis-url=redis://:hunter2@redis:6379/0"], monkeypatch)
+    monkeypatch.setenv("SG_REDIS", "redis://:hunter2@redis:6379/0")
+    config, _ = _serve_config([*base, "--redis-url-env=SG_REDIS"], monkeypatch)
+    assert config.redis_url == "redis://:hunter2@redis:6379/0"
+    assert "hunter2" not in repr(config)
+    with pytest.raises(ConfigError, match="redis://"):
+        _serve_config([*base, "--redis-url=http://redis:6379"], monkeypatch)
+    with pytest.raises(ConfigError, match="drain_timeout"):
+        _serve_config([*base, "--drain-timeout=-1"], monkeypatch)

@@ -16,8 +16,10 @@ import openai
 from openai import AsyncOpenAI
 
 from ...exceptions import ModerationError, StreamFormatError
-from ...moderation import KeywordModerator, LocalModerator, OpenAIModerator
+from ...moderation import KeywordModerator, LocalModerator, ModerationBudget, OpenAIModerator
 from ...moderation._base import Moderator
+from ...moderation._budget import budget_key
+from .._drain import Drain, DrainMiddleware
 from .._sse import describe_error, error_object
 from ._asgi import Caller, CallerBound
 from ._json import JSONDecodeError, loads
@@ -32,7 +34,7 @@ if TYPE_CHECKING:
     from starlette.requests import Request
     from starlette.responses import Response
 
-    from .._metrics import ProxyMetrics
+    from .._metrics import ProxyMetrics, RouteHooks
 
 __all__ = ["DEBUG_HEADER", "create_app"]
 
@@ -67,7 +69,7 @@ def create_app(config: ProxyConfig) -> Starlette:
 
     from .._metrics import ProxyMetrics
 
-    proxy = _Proxy(config, ProxyMetrics())
+    proxy = _Proxy(config, ProxyMetrics(moderator=config.moderator))
 
     async def http_error(request: Request, exc: Exception) -> Response:
         status = exc.status_code if isinstance(exc, HTTPException) else 500
@@ -79,12 +81,14 @@ def create_app(config: ProxyConfig) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        proxy.drain.install()  # SIGTERM drains (see _drain.py)
         try:
             yield
         finally:
+            proxy.drain.uninstall()
             await proxy.aclose()
 
-    middleware = []
+    middleware = [Middleware(DrainMiddleware, drain=proxy.drain)]
     if config.cors_origins:
         middleware.append(
             Middleware(
@@ -115,7 +119,7 @@ def _not_found(request: Request) -> Response:
     served = ", ".join(f"{' '.join(sorted(r.methods))} /v1{r.pattern}" for r in ROUTES if r.kind != "refused")
     message = (
         f"Unknown request URL: {request.method} {request.url.path}. This streamguard proxy serves: {served} "
-        "(and GET /healthz, GET /metrics)."
+        "(and GET /healthz, GET /readyz, GET /metrics)."
     )
     return json_response(404, error_object(message, code="unknown_url"))
 
@@ -130,6 +134,8 @@ class _Proxy:
         self.secrets = tuple(k for k in (config.upstream_api_key, config.moderation_api_key) if k)
         self._client_keys = [key.encode() for key in sorted(config.client_keys)]
         self.upstream = Upstream(config)
+        self.drain = Drain(config.drain_timeout)
+        self._budgets: dict[str, ModerationBudget] = {}  # per caller key, when callers pay for moderation
         self._clients: list[AsyncOpenAI] = []
         self._moderator: Moderator | None = None
         self._moderation_client: AsyncOpenAI | None = None
@@ -144,7 +150,8 @@ class _Proxy:
             )
             self._clients.append(client)
             if key is not None:
-                self._moderator = OpenAIModerator(client)  # shared, so windows of all streams are batched
+                # Shared, so windows of all streams are batched; the budget is shared through Redis if given.
+                self._moderator = OpenAIModerator(client, redis_url=config.redis_url)
             else:
                 self._moderation_client = client
         if config.upstream_api_key and not config.client_keys:
@@ -157,6 +164,13 @@ class _Proxy:
             await self.upstream.aclose()
             for client in self._clients:
                 await client.close()
+            budgets = [b for b in (self.budget(), *self._budgets.values()) if b is not None]
+            for budget in budgets:
+                await budget.aclose()
+
+    def budget(self) -> ModerationBudget | None:
+        """The shared moderator's rate-limit budget, if it has one."""
+        return self._moderator.budget if isinstance(self._moderator, OpenAIModerator) else None
 
     def moderator_for(self, request: Request) -> Moderator:
         if self._moderator is not None:
@@ -167,7 +181,16 @@ class _Proxy:
         client = self._moderation_client
         if auth:
             client = client.with_options(default_headers={"Authorization": auth})
-        return OpenAIModerator(client)
+        budget = None
+        if self.config.redis_url is not None:
+            # One budget per caller key (its organisation's limits), shared through Redis.
+            key = budget_key(str(client.base_url), auth or "")
+            budget = self._budgets.get(key)
+            if budget is None:
+                if len(self._budgets) >= 1024:
+                    self._budgets.pop(next(iter(self._budgets)))
+                budget = self._budgets[key] = ModerationBudget(self.config.redis_url, key=key)
+        return OpenAIModerator(client, budget=budget)
 
     # -- handlers ----------------------------------------------------------------------------
 
@@ -179,6 +202,7 @@ class _Proxy:
 
         from .._metrics import CONTENT_TYPE
 
+        self.metrics.sync_budget(self.budget())
         return Response(self.metrics.render(), headers={"content-type": CONTENT_TYPE})
 
     async def playground(self, request: Request) -> Response:
@@ -230,6 +254,7 @@ class _Proxy:
         secrets = self.secrets_for(request)
         policy = self.config.policy
         args = _guard_args(shape, body)
+        hooks = self.metrics.route(found.route.name)
         if body.get("stream") is True:
             if shape == "chat":
                 options = body.get("stream_options")
@@ -249,11 +274,14 @@ class _Proxy:
                 secrets=secrets,
                 ping=self.config.ping,
                 debug=request.headers.get(DEBUG_HEADER, "").strip().lower() in ("1", "true", "yes"),
-                on_verdict=self.metrics.verdict,
-                on_flag=self.metrics.flag,
+                on_verdict=hooks.verdict,
+                on_flag=hooks.flag,
+                route=found.route.name,
+                drain=self.drain,
             )
-            return answer.response(self.metrics.stream_ended)
-        return self.complete(request, found.path, raw, shape, moderator, args, secrets)
+            budget = moderator.budget if isinstance(moderator, OpenAIModerator) else None
+            return answer.response(hooks.ended(budget))
+        return self.complete(request, found.path, raw, shape, moderator, args, secrets, hooks)
 
     def complete(
         self,
@@ -264,6 +292,7 @@ class _Proxy:
         moderator: Moderator,
         args: Mapping[str, Any],
         secrets: Sequence[str],
+        hooks: RouteHooks,
     ) -> Response:
         upstream = self.upstream
 
@@ -312,8 +341,8 @@ class _Proxy:
                     moderator=moderator,
                     policy=self.config.policy,
                     guard_args=args,
-                    on_verdict=self.metrics.verdict,
-                    on_flag=self.metrics.flag,
+                    on_verdict=hooks.verdict,
+                    on_flag=hooks.flag,
                 )
             except ModerationError as exc:
                 logger.warning("moderation of a non-streamed answer failed: %s", type(exc).__name__)

@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import tomllib
 import types
 import typing
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -77,6 +79,11 @@ class ProxyConfig:
         playground: Serve the playground page at ``GET /``.
         allow_unguarded: Names of refused routes to relay anyway (see
             :mod:`~streamguard.integrations.proxy.routes`).
+        redis_url: Redis holding the Moderation endpoint's rate-limit budget, shared by every
+            worker and replica (see :class:`~streamguard.moderation.ModerationBudget`); None:
+            each worker paces itself.
+        drain_timeout: Seconds streams in flight may still run after SIGTERM before they end
+            with a ``server_shutting_down`` error event.
     """
 
     upstream: str
@@ -97,8 +104,14 @@ class ProxyConfig:
     ping: float | None = 15.0
     playground: bool = True
     allow_unguarded: frozenset[str] = frozenset()
+    redis_url: str | None = field(default=None, repr=False)
+    drain_timeout: float = 30.0
 
     def __post_init__(self) -> None:
+        if self.redis_url is not None and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError("redis_url must be a redis://, rediss:// or unix:// URL")
+        if not (self.drain_timeout >= 0 and math.isfinite(self.drain_timeout)):
+            raise ConfigError("drain_timeout must be a non-negative number of seconds")
         for name in ("upstream", "moderation_base_url"):
             url = getattr(self, name)
             if url is not None and not url.startswith(("http://", "https://")):
@@ -189,6 +202,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=route_names("refused"),
         help="relay a refused route anyway: its model text is NOT moderated",
     )
+    add("--redis-url", default=s, metavar="URL", help="share the moderation budget through this Redis (no password)")
+    add("--redis-url-env", default=s, metavar="NAME", help="env variable with the Redis URL (when it has a password)")
+    add("--drain-timeout", type=float, default=s, metavar="S", help="seconds streams may finish after SIGTERM (30)")
     policy = parser.add_argument_group("policy", "every streamguard.Policy option (see its docstring)")
     for name, kind in _policy_fields():
         flag = "--" + ("threshold" if name == "thresholds" else name.replace("_", "-"))
@@ -287,7 +303,7 @@ def _option_names() -> set[str]:
     parser = argparse.ArgumentParser(add_help=False)
     add_arguments(parser)
     names = {a.dest for a in parser._actions if not a.dest.startswith(_POLICY)}
-    return names - {"config"} | {"upstream_key_env", "moderation_key_env", "client_keys_env"}
+    return names - {"config"} | {"upstream_key_env", "moderation_key_env", "client_keys_env", "redis_url_env"}
 
 
 def _merged(args: argparse.Namespace) -> dict[str, Any]:
@@ -381,6 +397,12 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
         "moderation_api_key": options.get("moderation_key_env"),
     }
     values: dict[str, Any] = {k: _env(v) for k, v in keys.items() if v}
+    if url := options.get("redis_url"):
+        if urllib.parse.urlsplit(str(url)).password:
+            raise ConfigError("redis_url: a password comes from the environment only (use redis_url_env)")
+        values["redis_url"] = url
+    if name := options.get("redis_url_env"):
+        values["redis_url"] = _env(name)
     for name in (
         "moderator",
         "moderation_base_url",
@@ -392,6 +414,7 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
         "max_keepalive_connections",
         "ping",
         "playground",
+        "drain_timeout",
     ):
         if name in options:
             values[name] = options[name]

@@ -9,14 +9,19 @@ variables the arguments name, as the first process did.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
+import math
 import os
+import shutil
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ...exceptions import ConfigError
+from .._drain import GRACE
 from .config import ProxyConfig, ServeOptions, add_arguments, config_from_args, options_from_args
 
 if TYPE_CHECKING:
@@ -25,6 +30,7 @@ if TYPE_CHECKING:
 __all__ = ["add_serve_subcommand", "app_from_environment", "run_serve", "serve"]
 
 _ARGS_ENV = "STREAMGUARD_SERVE_ARGS"
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 def serve(
@@ -43,23 +49,53 @@ def serve(
 
     from .app import create_app
 
-    uvicorn.run(create_app(config), host=host, port=port, log_level=log_level, access_log=access_log)
+    uvicorn.run(
+        create_app(config),
+        host=host,
+        port=port,
+        log_level=log_level,
+        access_log=access_log,
+        timeout_graceful_shutdown=math.ceil(config.drain_timeout + GRACE),
+    )
 
 
-def serve_workers(argv: Sequence[str], options: ServeOptions) -> None:
-    """Run ``options.workers`` worker processes (uvicorn's process manager), each building its app from ``argv``."""
+def serve_workers(argv: Sequence[str], options: ServeOptions, *, drain_timeout: float = 30.0) -> None:
+    """Run ``options.workers`` worker processes (uvicorn's process manager), each building its app from ``argv``.
+
+    The workers' metrics are aggregated (prometheus-client's multiprocess mode): unless
+    ``PROMETHEUS_MULTIPROC_DIR`` is set already, a fresh temporary directory is made for them
+    and removed when the server stops.
+    """
     import uvicorn
 
     os.environ[_ARGS_ENV] = json.dumps(list(argv))
-    uvicorn.run(
-        "streamguard.integrations.proxy.serve:app_from_environment",
-        factory=True,
-        host=options.host,
-        port=options.port,
-        workers=options.workers,
-        log_level=options.log_level,
-        access_log=options.access_log,
-    )
+    with multiprocess_metrics_dir():
+        uvicorn.run(
+            "streamguard.integrations.proxy.serve:app_from_environment",
+            factory=True,
+            host=options.host,
+            port=options.port,
+            workers=options.workers,
+            log_level=options.log_level,
+            access_log=options.access_log,
+            timeout_graceful_shutdown=math.ceil(drain_timeout + GRACE),
+        )
+
+
+@contextlib.contextmanager
+def multiprocess_metrics_dir() -> Iterator[str]:
+    """``PROMETHEUS_MULTIPROC_DIR`` for the workers to come: the one set, else a temporary one, removed after."""
+    given = os.environ.get(MULTIPROC_ENV)
+    if given:
+        yield given
+        return
+    directory = tempfile.mkdtemp(prefix="streamguard-metrics-")
+    os.environ[MULTIPROC_ENV] = directory
+    try:
+        yield directory
+    finally:
+        os.environ.pop(MULTIPROC_ENV, None)
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def app_from_environment() -> Starlette:
@@ -119,7 +155,7 @@ def run_serve(args: argparse.Namespace, argv: Sequence[str] | None = None) -> in
     if options.workers > 1:
         if argv is None:
             argv = sys.argv[sys.argv.index("serve") + 1 :] if "serve" in sys.argv else sys.argv[1:]
-        serve_workers(argv, options)
+        serve_workers(argv, options, drain_timeout=config.drain_timeout)
     else:
         serve(config, host=options.host, port=options.port, log_level=options.log_level, access_log=options.access_log)
     return 0

@@ -21,7 +21,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import anyio
@@ -32,6 +32,7 @@ from ...moderation._base import Moderator
 from ...policy import Policy
 from ...report import GuardReport, VerdictEvent
 from ...responses import guard_responses
+from .._drain import SHUTDOWN_ERROR, Drain
 from .._sse import DONE, PING, describe_error, error_event
 from ..starlette import _comment, _policy_fields, _verdict_fields
 from ._asgi import Caller, CallerBound
@@ -63,9 +64,12 @@ class GuardedAnswer:
     debug: bool = False
     on_verdict: Callable[[Any], object] | None = None
     on_flag: Callable[[Any], object] | None = None
+    route: str = "unknown"
+    drain: Drain | None = None
     report: GuardReport | None = None
     error: BaseException | None = None
     disconnected: bool = False
+    shutdown: bool = False  # ended by the drain deadline (with the shutdown error event)
     _pending: list[bytes] = dataclasses.field(default_factory=list)
     _started: float = 0.0
 
@@ -188,10 +192,17 @@ class GuardedAnswer:
                 tg.start_soon(pinger, self.ping)
             try:
                 await write(b"".join(first))
-                async for item in items:
-                    await write(encode(item))
+                if self.drain is None:
+                    async for item in items:
+                        await write(encode(item))
+                elif not await self._relay(items, write, encode, self.drain):
+                    raise _ShutDown
                 if self.shape != "responses":
                     await write(DONE)
+            except _ShutDown:
+                self.shutdown = True
+                logger.warning("guarded stream ended by the drain deadline")
+                await write(error_event(SHUTDOWN_ERROR))
             except Exception as exc:
                 # Not a disconnect (that cancels us): upstream or moderation failed mid-stream.
                 self.error = exc
@@ -202,10 +213,29 @@ class GuardedAnswer:
         caller.finished = True  # the server may report the disconnect that ends every response now
         await write(b"", more=False)
 
+    @staticmethod
+    async def _relay(
+        items: Any, write: Callable[[bytes], Awaitable[None]], encode: Callable[[Any], bytes], drain: Drain
+    ) -> bool:
+        """Write the items; False if the drain deadline stopped it while waiting for one (never mid-write)."""
+        while True:
+            with drain.scope() as scope:
+                try:
+                    item = await items.__anext__()
+                except StopAsyncIteration:
+                    return True
+            if scope.cancelled_caught:
+                return False
+            await write(encode(item))
+
     def _debug_verdict(self, event: VerdictEvent) -> object:
         at = time.monotonic() - self._started
         self._pending.append(_comment("streamguard.verdict", _verdict_fields(event, at)))
         return self.on_verdict(event) if self.on_verdict is not None else None
+
+
+class _ShutDown(Exception):
+    """The drain deadline passed while the stream waited for its next item."""
 
 
 def _report(guarded: Any) -> GuardReport | None:
