@@ -30,7 +30,7 @@ import hashlib
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis
     from redis.commands.core import AsyncScript
 
-__all__ = ["BudgetStats", "ModerationBudget", "budget_key"]
+__all__ = ["BudgetGate", "BudgetStats", "ModerationBudget", "budget_key"]
 
 logger = logging.getLogger(__name__)
 
@@ -263,18 +263,19 @@ class ModerationBudget:
         """Whether the budget is kept in Redis and Redis is currently answering (or untried)."""
         return self.redis_url is not None and self._down_until is None
 
-    async def acquire(self, tokens: int) -> float:
-        """Wait until one request of ``tokens`` estimated tokens fits the budget, and take it.
+    async def acquire(self, tokens: int, requests: int = 1) -> float:
+        """Wait until ``requests`` requests of ``tokens`` estimated tokens fit the budget, and take them.
 
         Args:
             tokens: Estimated tokens of the request.
+            requests: Requests to take (0: tokens only, e.g. for texts that joined a request late).
 
         Returns:
             Seconds waited.
         """
         waited = 0.0
         while True:
-            wait, local = await self._try(tokens)
+            wait, local = await self._try(tokens, requests)
             if wait <= 0:
                 self._acquired += 1
                 self._local_acquires += local
@@ -330,7 +331,7 @@ class ModerationBudget:
     def _limits(self) -> tuple[float | None, float | None]:
         return (self.requests_per_minute or self._learned_rpm, self.tokens_per_minute or self._learned_tpm)
 
-    async def _try(self, tokens: int) -> tuple[float, bool]:
+    async def _try(self, tokens: int, requests: int) -> tuple[float, bool]:
         """(seconds to wait, paced locally); 0 seconds: the request is taken. Redis if it answers, else local."""
         scripts = await self._connected() if self.redis_url is not None else None
         if scripts is not None:
@@ -339,7 +340,7 @@ class ModerationBudget:
                     granted, wait_ms = await scripts[0](
                         keys=[self.key],
                         args=[
-                            1,
+                            requests,
                             tokens,
                             self.requests_per_minute or 0,
                             self.tokens_per_minute or 0,
@@ -357,7 +358,7 @@ class ModerationBudget:
         rpm, tpm = self._limits()
         costs: dict[str, tuple[float, float]] = {}
         if rpm:
-            costs["requests"] = (1.0, rpm)
+            costs["requests"] = (float(requests), rpm)
         if tpm:
             costs["tokens"] = (float(tokens), tpm)
         return self._local.reserve(costs, time.monotonic()), self.redis_url is not None
@@ -405,6 +406,65 @@ class ModerationBudget:
                 "moderation budget: Redis at %s answers again; sharing the budget", _safe_url(self.redis_url)
             )
             self._down_until = None
+
+
+class _Group:
+    """Texts waiting for the budget together (one request's worth)."""
+
+    def __init__(self, size: int, tokens: int) -> None:
+        self.size = size
+        self.tokens = tokens
+        self.passed = False
+        self.done = anyio.Event()
+
+
+class BudgetGate:
+    """Windows wait here for the budget as a group, so a spent budget makes batches bigger, not more numerous.
+
+    The first caller leads a group: it takes one request (and the group's estimated tokens) from the
+    budget, waiting as long as needed, while later callers join its group, up to ``max_group``
+    texts. Then the whole group goes on at once, into the same batch. A leader that fails or is
+    cancelled lets its group try again.
+
+    Args:
+        budget: The budget to take from.
+        max_group: Most texts in one group (the moderator's ``max_batch``).
+        estimate: Estimated tokens of some texts.
+    """
+
+    def __init__(self, budget: ModerationBudget, max_group: int, estimate: Callable[[Sequence[str]], int]) -> None:
+        self.budget = budget
+        self.max_group = max_group
+        self.estimate = estimate
+        self._open: _Group | None = None
+
+    async def through(self, texts: Sequence[str]) -> None:
+        """Return once the budget has let ``texts`` through (with their group)."""
+        while True:
+            group = self._open
+            if group is not None and group.size + len(texts) <= self.max_group:
+                group.size += len(texts)
+                group.tokens += self.estimate(texts)
+                await group.done.wait()
+                if group.passed:
+                    return
+                continue  # the leader failed: lead or join anew
+            group = self._open = _Group(len(texts), self.estimate(texts))
+            try:
+                charged = group.tokens
+                await self.budget.acquire(charged)
+                if self._open is group:
+                    self._open = None
+                if group.tokens > charged:  # texts that joined while the leader waited
+                    await self.budget.acquire(group.tokens - charged, requests=0)
+            except BaseException:
+                if self._open is group:
+                    self._open = None
+                group.done.set()
+                raise
+            group.passed = True
+            group.done.set()
+            return
 
 
 def _safe_url(url: str | None) -> str:

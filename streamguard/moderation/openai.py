@@ -36,7 +36,7 @@ from pydantic import AllowInfNan, Strict
 from ..exceptions import ConfigError, ModerationError
 from ._base import Verdict
 from ._batcher import Batcher
-from ._budget import ModerationBudget, budget_key
+from ._budget import BudgetGate, ModerationBudget, budget_key
 
 if TYPE_CHECKING:
     from openai._legacy_response import LegacyAPIResponse
@@ -217,6 +217,17 @@ class OpenAIModerator(_EndpointModerator):
                 tokens_per_minute=tokens_per_minute,
             )
         self._retrier.budget = budget
+        # With a budget, windows wait for it as groups that become one batch each.
+        self._gate = BudgetGate(budget, max_batch, _estimate_tokens) if budget is not None else None
+
+    async def moderate(self, texts: Sequence[str]) -> list[Verdict]:
+        """Judge each text; one verdict per text, in order (see :meth:`_EndpointModerator.moderate`).
+
+        With a budget, the texts first wait for it together with those of concurrent callers.
+        """
+        if self._gate is not None and texts:
+            await self._gate.through(texts)
+        return await super().moderate(texts)
 
     @property
     def budget(self) -> ModerationBudget | None:
@@ -228,6 +239,7 @@ class OpenAIModerator(_EndpointModerator):
             lambda: self._client.moderations.with_raw_response.create(input=texts, model=self.model),
             tokens=_estimate_tokens(texts),
             what="moderation",
+            prepaid=self._gate is not None,
         )
         verdicts = parse_moderation(raw.content)
         if len(verdicts) != len(texts):
@@ -248,16 +260,23 @@ class _Retrier:
         self.budget: ModerationBudget | None = None  # shared (or configured) budget, taken from first
 
     async def call(
-        self, send: Callable[[], Awaitable[LegacyAPIResponse[_T]]], *, tokens: int, what: str
+        self,
+        send: Callable[[], Awaitable[LegacyAPIResponse[_T]]],
+        *,
+        tokens: int,
+        what: str,
+        prepaid: bool = False,
     ) -> LegacyAPIResponse[_T]:
         """Send until a response succeeds; ``what`` names the request in errors and logs.
+
+        ``prepaid``: the first attempt was taken from the budget already (by a gate); retries take anew.
 
         Raises:
             ModerationError: A non-retryable status, or the last retry failed.
         """
         attempt = 0
         while True:
-            if self.budget is not None:
+            if self.budget is not None and (attempt or not prepaid):
                 self.paced += await self.budget.acquire(tokens)
             await self._pace(tokens)
             self.requests += 1

@@ -235,3 +235,26 @@ async def test_redis_stopped_mid_run_moderation_goes_on(
     assert all(s.outages == 1 for s in stats), stats
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 2 and all("pacing locally" in w for w in warnings), warnings
+
+
+async def test_windows_waiting_for_the_budget_go_out_as_one_batch(
+    redis_server: RedisServer, upstream: LoopbackUpstream
+) -> None:
+    """30 windows arriving while the budget is spent wait as groups: a few requests, not 30."""
+    async with AsyncOpenAI(api_key="test", base_url=upstream.base_url, max_retries=0) as client:
+        moderator = OpenAIModerator(client, redis_url=redis_server.url, requests_per_minute=120)  # 1.8/s
+        verdicts: list[int] = []
+
+        async def window(i: int) -> None:
+            verdicts.append(len(await moderator.moderate([f"window {i}"])))
+
+        with anyio.fail_after(20):
+            await moderator.moderate(["first"])  # takes the bucket's only request
+            async with anyio.create_task_group() as tg:
+                for i in range(30):
+                    tg.start_soon(window, i)
+        assert moderator.budget is not None
+        await moderator.budget.aclose()
+    assert verdicts == [1] * 30
+    assert 2 <= moderator.stats.requests <= 4, moderator.stats
+    assert upstream.count("/v1/moderations") == moderator.stats.requests
