@@ -4,7 +4,7 @@ Exposed at ``GET /metrics`` in the Prometheus text format:
 
 - ``streamguard_streams_total{outcome}``: streamed answers by how they ended: ``completed``,
   ``content_filter`` (a choice was cut off), ``error`` (upstream or moderation failed, before or
-  during the stream) or ``disconnected`` (the client left).
+  during the stream), ``disconnected`` (the client left) or ``shutdown`` (ended by the drain deadline).
 - ``streamguard_flags_total{category,action,source}``: flagged windows, of streamed and
   non-streamed answers alike (both are judged in windows).
 - ``streamguard_moderation_latency_seconds``: a histogram of moderation calls, one per window.
