@@ -1,5 +1,6 @@
-"""``streamguard serve --workers 2`` as a real process: metrics summed over workers, the budget in Redis, and a
-graceful drain on SIGTERM during 50 streams (each ends whole or with the shutdown ending, never mid-chunk)."""
+"""``streamguard serve --workers 2`` as a real process: metrics summed over workers, the budget in Redis, serving on
+with Redis stopped, and a graceful drain on SIGTERM during 50 streams (each ends whole or with the shutdown ending,
+never mid-chunk)."""
 
 from __future__ import annotations
 
@@ -54,6 +55,15 @@ def start_serve(upstream: str, redis_url: str, port: int, tmp: Path) -> subproce
             process.kill()
             raise AssertionError(process.communicate(timeout=10)[0].decode())
         time.sleep(0.1)
+
+
+async def until_unready(http: httpx2.AsyncClient) -> None:
+    """Poll ``/readyz`` (new connections) until it answers 503; at most ~1.5 s."""
+    for _ in range(30):
+        if (await http.get("/readyz")).status_code == 503:
+            return
+        await anyio.sleep(0.05)
+    raise AssertionError("/readyz stayed ready after SIGTERM")
 
 
 def leftovers(directory: Path) -> list[Path]:
@@ -145,7 +155,15 @@ async def test_workers_share_metrics_and_budget_then_drain_on_sigterm(
 
             with redis.Redis.from_url(redis_server.url) as r:
                 assert r.keys("streamguard:moderation-budget:*")  # the budget lives in Redis
-            # 2. Fifty streams of 0.5 to 4.5 s; SIGTERM once all have started; drain timeout 2 s.
+            # 2. Redis stopped: the proxies keep serving, pacing locally (counted, and logged).
+            await anyio.to_thread.run_sync(redis_server.stop)
+            async with httpx2.AsyncClient(base_url=base, timeout=30, limits=limits) as http:
+                with anyio.fail_after(60):
+                    kinds = [(await stream(http, n, Started(10**6)))[0] for n in range(100, 120, 5)]
+            assert kinds == ["whole"] * 4
+            fallbacks = [await anyio.to_thread.run_sync(scrape, port) for _ in range(2)]
+            assert all(total(s, "streamguard_redis_fallbacks_total") >= 4 for s in fallbacks), fallbacks
+            # 3. Fifty streams of 0.5 to 4.5 s; SIGTERM once all have started; drain timeout 2 s.
             started = Started(50)
             results: list[str] = []
             async with httpx2.AsyncClient(base_url=base, timeout=30, limits=limits) as http:
@@ -160,9 +178,11 @@ async def test_workers_share_metrics_and_budget_then_drain_on_sigterm(
                         await started.all.wait()
                         signalled = time.monotonic()
                         process.send_signal(signal.SIGTERM)
-                        await anyio.sleep(0.3)
-                        # Unready at once, still live; new work refused with OpenAI's error shape.
-                        assert (await http.get("/readyz")).status_code == 503
+                        # Unready as soon as the workers have the signal (uvicorn's process manager passes it
+                        # on within its 0.5 s tick), still live; new work refused with OpenAI's error shape.
+                        await until_unready(http)
+                        unready = time.monotonic() - signalled
+                        await anyio.sleep(0.1)  # the other worker too (signalled in the same loop)
                         assert (await http.get("/healthz")).status_code == 200
                         body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "story 1"}]}
                         refused = await http.post("/v1/chat/completions", json=body)
@@ -176,6 +196,8 @@ async def test_workers_share_metrics_and_budget_then_drain_on_sigterm(
                 process.wait(timeout=10)
     assert len(results) == 50, output
     assert results.count("whole") > 0 and results.count("shutdown") > 0, results
+    assert unready < 1.0, unready
     assert ended < 2 + 3, ended  # the drain timeout, plus writing the endings
     assert not leftovers(tmp_path), "the metrics directory was left behind"
     assert "Traceback" not in output, output
+    assert "pacing locally" in output, output  # the warning of the Redis outage
