@@ -9,8 +9,6 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-import threading
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any
@@ -18,7 +16,6 @@ from typing import Any
 import anyio
 import httpx2
 import pytest
-import uvicorn
 from openai import AsyncOpenAI
 
 from streamguard.integrations.proxy import ProxyConfig, create_app
@@ -38,22 +35,8 @@ Start = Callable[..., str]
 @contextmanager
 def serve_logging(app: Any) -> Iterator[str]:
     """Like ``serve_in_thread``, but uvicorn logs at DEBUG (access log on) to loggers that propagate."""
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=0, log_level="debug", log_config=None, access_log=True, lifespan="on"
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name="test-proxy", daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 10
-        while not server.started:
-            if time.monotonic() > deadline or not thread.is_alive():
-                raise RuntimeError("test server did not start")
-            time.sleep(0.005)
-        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    with serve_in_thread(app, log_level="debug", log_config=None, access_log=True) as url:
+        yield url
 
 
 @pytest.fixture

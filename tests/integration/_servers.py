@@ -18,9 +18,13 @@ from streamguard.testing.upstream import keyword_moderation, sse_body, text_chun
 
 
 @contextmanager
-def serve_in_thread(app: Any, *, lifespan: Literal["auto", "on", "off"] = "on") -> Iterator[str]:
-    """Serve ``app`` on 127.0.0.1 with a free port; yields ``http://127.0.0.1:PORT``."""
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="critical", lifespan=lifespan, access_log=False)
+def serve_in_thread(app: Any, *, lifespan: Literal["auto", "on", "off"] = "on", **options: Any) -> Iterator[str]:
+    """Serve ``app`` on 127.0.0.1 with a free port; yields ``http://127.0.0.1:PORT``.
+
+    ``options`` go to ``uvicorn.Config`` (e.g. ``log_level="debug", log_config=None, access_log=True``).
+    """
+    settings: dict[str, Any] = {"log_level": "critical", "access_log": False, **options}
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, lifespan=lifespan, **settings)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="test-server", daemon=True)
     thread.start()

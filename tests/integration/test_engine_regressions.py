@@ -14,13 +14,9 @@ import pytest
 import streamguard as sg
 from streamguard._sync import guard_sync
 from streamguard.testing import FakeModerator, chat_chunk, scripted_chunks
+from tests.helpers import words
 
 TEXT = "The quick brown fox jumps over the lazy dog and then we rest by the river with care and joy forever"
-
-
-def words(text: str = TEXT) -> list[str]:
-    parts = text.split(" ")
-    return [parts[0]] + [" " + p for p in parts[1:]]
 
 
 def content(chunks: list[Any]) -> str:
@@ -39,7 +35,7 @@ async def test_an_async_hook_that_raises_ends_a_bare_stream_with_its_error() -> 
 
     released: list[Any] = []
     with anyio.fail_after(5), pytest.raises(HookFailed):
-        async for chunk in sg.guard(scripted_chunks(words()), moderator=FakeModerator(), on_verdict=on_verdict):
+        async for chunk in sg.guard(scripted_chunks(words(TEXT)), moderator=FakeModerator(), on_verdict=on_verdict):
             released.append(chunk)
     assert TEXT.startswith(content(released))  # never a silent truncation: the error is raised
 
@@ -84,7 +80,7 @@ async def test_something_that_is_not_a_chunk_raises_stream_format_error() -> Non
 
 def test_sync_close_from_another_thread_ends_iteration_cleanly() -> None:
     """close() from another thread while one is blocked in next(): StopIteration, no ClosedResourceError."""
-    guarded = guard_sync(iter(list(scripted_chunks(words())._chunks)), moderator=FakeModerator(latency=0.3))
+    guarded = guard_sync(iter(list(scripted_chunks(words(TEXT))._chunks)), moderator=FakeModerator(latency=0.3))
     got: list[Any] = []
     errors: list[BaseException] = []
 
@@ -107,14 +103,14 @@ def test_sync_close_from_another_thread_ends_iteration_cleanly() -> None:
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_guard_sync_works_in_a_forked_child_after_the_parent_used_it() -> None:
     """The bridge is reset at fork: a child that guards a stream does not hang."""
-    before = guard_sync(iter(list(scripted_chunks(words())._chunks)), moderator=FakeModerator())
+    before = guard_sync(iter(list(scripted_chunks(words(TEXT))._chunks)), moderator=FakeModerator())
     with before:
         assert content(list(before)) == TEXT
     pid = os.fork()
     if pid == 0:  # the child: exit code says whether it worked
         code = 1
         try:
-            child = guard_sync(iter(list(scripted_chunks(words())._chunks)), moderator=FakeModerator())
+            child = guard_sync(iter(list(scripted_chunks(words(TEXT))._chunks)), moderator=FakeModerator())
             with child:
                 code = 0 if content(list(child)) == TEXT else 2
         finally:

@@ -16,6 +16,7 @@ import streamguard as sg
 from streamguard.testing import FakeModerator
 from streamguard.testing.upstream import LoopbackUpstream, Script, text_chunks
 from tests.conftest import other_tasks
+from tests.helpers import words
 
 MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Tell me a story."}]
 STORY = (
@@ -23,11 +24,6 @@ STORY = (
     "Then one day the model said that it would attack the castle at dawn, "
     "and the library stopped it before anyone could read the plan. The end came quietly."
 )
-
-
-def words(text: str) -> list[str]:
-    parts = text.split(" ")
-    return [parts[0]] + [" " + p for p in parts[1:]]
 
 
 async def open_stream(client: AsyncOpenAI, **extra: Any) -> Any:

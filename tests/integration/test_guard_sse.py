@@ -18,6 +18,7 @@ from streamguard.sse import guard_sse
 from streamguard.testing import FakeModerator
 from streamguard.testing.upstream import LoopbackUpstream, Script, sse_body, text_chunks
 from tests.conftest import other_tasks
+from tests.helpers import words
 
 MESSAGES = [{"role": "user", "content": "Tell me a story."}]
 STORY = (
@@ -26,11 +27,6 @@ STORY = (
     "and the library stopped it before anyone could read the plan. The end came quietly."
 )
 CLEAN = "Un café très calme 😀 au bord de la rivière, sous la longue lumière des soirs d'été."
-
-
-def words(text: str) -> list[str]:
-    parts = text.split(" ")
-    return [parts[0]] + [" " + p for p in parts[1:]]
 
 
 async def decode(chunks: list[bytes]) -> list[str]:

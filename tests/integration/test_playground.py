@@ -25,6 +25,7 @@ from playwright.async_api import Page, async_playwright, expect
 from streamguard import Policy
 from streamguard.integrations.proxy import ProxyConfig, create_app
 from streamguard.testing.upstream import LoopbackUpstream, Script, text_chunks
+from tests.helpers import words
 from tests.integration._servers import serve_in_thread
 
 PROMPT = "Tell me a story about a castle."
@@ -44,11 +45,6 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 STEP_MS = 20_000  # Playwright's limit for one step; the whole test is bounded by fail_after
-
-
-def words(text: str) -> list[str]:
-    parts = text.split(" ")
-    return [parts[0]] + [" " + p for p in parts[1:]]
 
 
 def chromium() -> str:

@@ -23,6 +23,7 @@ from streamguard.integrations.starlette import GuardedSSEResponse
 from streamguard.testing import FakeModerator
 from streamguard.testing.upstream import LoopbackUpstream, Reply, Script, text_chunks
 from tests.conftest import other_tasks
+from tests.helpers import words
 from tests.integration._servers import serve_in_thread
 
 MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Tell me a story."}]
@@ -30,11 +31,6 @@ CLEAN = "A calm answer about gardens and rivers and the long light of summer eve
 USAGE = {"prompt_tokens": 12, "completion_tokens": 40, "total_tokens": 52}
 
 App = Callable[..., str]
-
-
-def words(text: str) -> list[str]:
-    parts = text.split(" ")
-    return [parts[0]] + [" " + p for p in parts[1:]]
 
 
 def sse_app(upstream: LoopbackUpstream, responses: list[GuardedSSEResponse], **options: Any) -> Starlette:

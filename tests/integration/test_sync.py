@@ -21,6 +21,7 @@ from streamguard.policy import Policy
 from streamguard.testing import FakeModerator
 from streamguard.testing.upstream import LoopbackUpstream, Reply, Script, keyword_moderation, text_chunks
 from streamguard.wrap import wrap
+from tests.helpers import words
 
 MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Tell me a story."}]
 STORY = (
@@ -29,11 +30,6 @@ STORY = (
     "and the library stopped it before anyone could read the plan. The end came quietly."
 )
 CLEAN = "A calm answer about gardens and rivers and the long light of summer evenings."
-
-
-def words(text: str) -> list[str]:
-    parts = text.split(" ")
-    return [parts[0]] + [" " + p for p in parts[1:]]
 
 
 def text_of(chunks: list[ChatCompletionChunk]) -> str:

@@ -18,6 +18,7 @@ from streamguard.testing import FakeModerator
 from streamguard.testing.upstream import LoopbackUpstream, Reply, Script, keyword_moderation, text_chunks
 from streamguard.wrap import wrap
 from tests.conftest import other_tasks
+from tests.helpers import words
 
 MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Tell me a story."}]
 STORY = (
@@ -26,11 +27,6 @@ STORY = (
     "and the library stopped it before anyone could read the plan. The end came quietly."
 )
 CLEAN = "A calm answer about gardens and rivers and the long light of summer evenings."
-
-
-def words(text: str) -> list[str]:
-    parts = text.split(" ")
-    return [parts[0]] + [" " + p for p in parts[1:]]
 
 
 def completion(*contents: str, refusal: str | None = None) -> dict[str, Any]:

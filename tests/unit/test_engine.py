@@ -12,6 +12,7 @@ from openai.types.chat import ChatCompletionChunk
 import streamguard as sg
 from streamguard.report import Flag, VerdictEvent
 from streamguard.testing import FakeModerator, ScriptedStream, chat_chunk, scripted_chunks
+from tests.helpers import words
 
 TEXT = "The quick brown fox jumps over the lazy dog and then we attack the castle with care and joy forever"
 
@@ -19,11 +20,6 @@ TEXT = "The quick brown fox jumps over the lazy dog and then we attack the castl
 @pytest.fixture(params=["asyncio", "trio"])
 def anyio_backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
-
-
-def words(text: str = TEXT) -> list[str]:
-    parts = text.split(" ")
-    return [parts[0]] + [" " + p for p in parts[1:]]
 
 
 def released_text(chunks: list[ChatCompletionChunk]) -> str:
@@ -51,7 +47,7 @@ async def test_leaving_early_closes_upstream() -> None:
 async def test_fail_closed_releases_only_clean_text_then_raises() -> None:
     """A failing moderator ends the stream with ModerationError; only settled text was released."""
     moderator = FakeModerator(fail=lambda call: RuntimeError("boom") if call >= 2 else None, latency=0.01)
-    source = scripted_chunks(words(), delay=0.002)
+    source = scripted_chunks(words(TEXT), delay=0.002)
     released: list[ChatCompletionChunk] = []
     with anyio.fail_after(5), pytest.raises(sg.ModerationError) as caught:
         async with sg.guard(source, moderator=moderator) as guarded:
@@ -66,7 +62,7 @@ async def test_fail_closed_releases_only_clean_text_then_raises() -> None:
 async def test_fail_open_releases_and_records_unmoderated_spans() -> None:
     """fail_open lets text through and says which spans went unmoderated."""
     moderator = FakeModerator(fail=RuntimeError("down"))
-    chunks, guarded = await run(scripted_chunks(words()), moderator, policy=sg.Policy(on_error="fail_open"))
+    chunks, guarded = await run(scripted_chunks(words(TEXT)), moderator, policy=sg.Policy(on_error="fail_open"))
     assert released_text(chunks) == TEXT
     spans = guarded.report.unmoderated
     assert spans and spans[0].start == 0 and spans[-1].end == len(TEXT)
@@ -76,7 +72,7 @@ async def test_hanging_moderator_times_out() -> None:
     """A moderator that never answers is bounded by moderation_timeout."""
     policy = sg.Policy(moderation_timeout=0.1)
     with anyio.fail_after(5), pytest.raises(sg.ModerationTimeout):
-        await run(scripted_chunks(words()), FakeModerator(latency=float("inf")), policy=policy)
+        await run(scripted_chunks(words(TEXT)), FakeModerator(latency=float("inf")), policy=policy)
 
 
 async def test_wrong_verdict_count_is_a_moderation_error() -> None:
@@ -87,7 +83,7 @@ async def test_wrong_verdict_count_is_a_moderation_error() -> None:
             return []
 
     with anyio.fail_after(5), pytest.raises(sg.ModerationError, match="0 verdicts"):
-        await run(scripted_chunks(words()), Broken())
+        await run(scripted_chunks(words(TEXT)), Broken())
 
 
 async def test_quiet_gap_flushes_a_partial_window() -> None:
@@ -121,7 +117,11 @@ async def test_hooks_see_every_verdict_and_flag() -> None:
 
     policy = sg.Policy(action="redact")
     chunks, guarded = await run(
-        scripted_chunks(words()), FakeModerator(["attack"]), policy=policy, on_verdict=verdicts.append, on_flag=on_flag
+        scripted_chunks(words(TEXT)),
+        FakeModerator(["attack"]),
+        policy=policy,
+        on_verdict=verdicts.append,
+        on_flag=on_flag,
     )
     assert len(flags) == 1 and flags[0].category == "violence"
     assert [v.seq for v in verdicts if v.flag is None and v.error is None] != []
@@ -131,7 +131,7 @@ async def test_hooks_see_every_verdict_and_flag() -> None:
 
 async def test_dict_chunks_are_accepted() -> None:
     """Plain dict chunks go through the same engine and come out as dicts; unchanged ones are the same objects."""
-    sent: list[dict[str, Any]] = [chunk.model_dump() for chunk in scripted_chunks(words())._chunks]
+    sent: list[dict[str, Any]] = [chunk.model_dump() for chunk in scripted_chunks(words(TEXT))._chunks]
 
     async def dicts() -> AsyncIterator[dict[str, Any]]:
         for chunk in sent:
@@ -147,8 +147,8 @@ async def test_dict_chunks_are_accepted() -> None:
 
 async def test_usage_chunk_can_be_switched_off() -> None:
     """include_usage=False yields no choice-less chunk at the end."""
-    on, _ = await run(scripted_chunks(words()), FakeModerator())
-    off, guarded = await run(scripted_chunks(words()), FakeModerator(), policy=sg.Policy(include_usage=False))
+    on, _ = await run(scripted_chunks(words(TEXT)), FakeModerator())
+    off, guarded = await run(scripted_chunks(words(TEXT)), FakeModerator(), policy=sg.Policy(include_usage=False))
     assert on[-1].choices == [] and on[-1].usage is not None
     assert all(c.choices for c in off)
     assert guarded.report.usage is not None and guarded.report.usage_source == "estimated"
@@ -173,7 +173,7 @@ async def test_cut_with_every_choice_done_stops_reading() -> None:
 
 async def test_bare_iteration_on_trio_says_to_use_async_with(anyio_backend: str) -> None:
     """Bare iteration needs asyncio; on trio it fails with a clear message, before reading anything."""
-    source = scripted_chunks(words())
+    source = scripted_chunks(words(TEXT))
     guarded = sg.guard(source, moderator=FakeModerator())
     if anyio_backend == "trio":
         with pytest.raises(RuntimeError, match="async with"):
@@ -187,7 +187,7 @@ async def test_bare_iteration_on_trio_says_to_use_async_with(anyio_backend: str)
 
 async def test_aclose_before_iterating_closes_upstream() -> None:
     """A guarded stream closed before anyone read it still closes its upstream."""
-    source = scripted_chunks(words())
+    source = scripted_chunks(words(TEXT))
     guarded = sg.guard(source, moderator=FakeModerator())
     with anyio.fail_after(5):
         await guarded.aclose()
@@ -198,7 +198,7 @@ async def test_upstream_error_releases_judged_text_first() -> None:
     """When upstream fails, what it sent is still judged and the clean part released before the error."""
 
     async def failing() -> AsyncIterator[ChatCompletionChunk]:
-        for chunk in scripted_chunks(words(), finish_reason=None)._chunks:
+        for chunk in scripted_chunks(words(TEXT), finish_reason=None)._chunks:
             yield chunk
         raise ConnectionError("upstream went away")
 
@@ -241,7 +241,7 @@ async def test_upstream_moderation_results_are_honoured(flagged: bool) -> None:
     """A provider's own output moderation in the stream is reported, and a flag ends held text as content_filter."""
 
     async def with_moderation() -> AsyncIterator[Any]:
-        for chunk in scripted_chunks(words(), finish_reason=None)._chunks:
+        for chunk in scripted_chunks(words(TEXT), finish_reason=None)._chunks:
             yield chunk
         yield moderation_chunk(flagged)  # arrives while the last windows still wait for verdicts
         yield chat_chunk(finish_reason="stop")

@@ -13,15 +13,11 @@ import pytest
 
 import streamguard as sg
 from streamguard.testing import FakeModerator
+from tests.helpers import words
 
 FLAG = "attack"
 CLEAN = "we walk by the calm river and plan a picnic for the long summer evening"
 DIRTY = "we walk by the calm river and then we attack the castle at dawn with everyone"
-
-
-def words(text: str) -> list[str]:
-    parts = text.split(" ")
-    return [parts[0]] + [" " + p for p in parts[1:]]
 
 
 def _response(output: list[dict[str, Any]], status: str) -> dict[str, Any]:
