@@ -74,11 +74,7 @@ class WindowBuffer:
         self._start = 0  # offset of the first character not yet in a window
         self._seq = 0
         self._floor = 0  # context never reaches below this (e.g. the end of a redacted span)
-
-    @property
-    def total(self) -> int:
-        """Characters fed so far."""
-        return self._base + len(self._buf)
+        self.total = 0  # characters fed so far
 
     @property
     def windowed(self) -> int:
@@ -106,8 +102,9 @@ class WindowBuffer:
         """
         step = 4 * self._max + MAX_WORD_CHARS
         if len(text) <= step:
+            self.total += len(text)
             self._buf += text
-            if self._base + len(self._buf) - self._start < self._target:
+            if self.total - self._start < self._target:
                 return _NONE  # the common case: not a window yet
             windows = []
             while (cut := self._find_cut()) is not None:
@@ -115,7 +112,9 @@ class WindowBuffer:
             return windows
         windows = []
         for i in range(0, len(text), step):
-            self._buf += text[i : i + step]
+            piece = text[i : i + step]
+            self._buf += piece
+            self.total += len(piece)
             while (cut := self._find_cut()) is not None:
                 windows.append(self._emit(cut))
         return windows

@@ -43,6 +43,8 @@ class Channel:
     context_floor: int = 0  # end of the last redacted span: later context starts here
     closed: bool = False  # no more text will come
     redact_all: bool = False  # a tool call under redact: its whole arguments become a JSON string
+    shown: list[str] = field(default_factory=list)  # released text not yet counted for usage
+    shown_size: int = 0
     last_text_at: float = 0.0
 
     @property

@@ -59,6 +59,9 @@ _INPUT = -1  # the ticket of the request's input
 #: fails (memory stays bounded) rather than pass a call on unjudged.
 MAX_TOOL_CHARS = 1 << 22
 
+# Released text is handed to the usage counter in batches of about this many characters.
+_SHOWN_BATCH = 2048
+
 
 @dataclass(frozen=True, slots=True)
 class Moderate:
@@ -83,13 +86,28 @@ class Edit:
     drop_logprobs: bool = True
 
 
-@dataclass(frozen=True, slots=True)
 class Release:
-    """Send ``original`` on: unchanged when ``edit`` is None."""
+    """Send ``original`` on: unchanged when ``edit`` is None.
 
-    original: Any
-    edit: Edit | None
-    choice: int | None
+    A plain slotted class, not a frozen dataclass: one is made per released chunk (the hot path).
+    """
+
+    __slots__ = ("choice", "edit", "original")
+
+    def __init__(self, original: Any, edit: Edit | None, choice: int | None) -> None:
+        self.original = original
+        self.edit = edit
+        self.choice = choice
+
+    def __repr__(self) -> str:
+        return f"Release(original={self.original!r}, edit={self.edit!r}, choice={self.choice!r})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Release):
+            return NotImplemented
+        return (self.original, self.edit, self.choice) == (other.original, other.edit, other.choice)
+
+    __hash__ = None  # type: ignore[assignment]
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,6 +236,41 @@ class Core:
         ``opens`` names tool channels whose call starts in this item (its id and name travel with
         it); ``finish`` is the choice's finish reason, if this item ends it.
         """
+        if (
+            choice is not None
+            and finish is None
+            and not opens
+            and self._holdback
+            and self._error is None
+            and not self._loose
+            and len(texts) == 1  # type: ignore[arg-type]
+        ):
+            # The hot path: one more text delta of a running channel, behind text this choice holds.
+            st = self._choices.get(choice)
+            if st is not None and st.items and not st.cut:
+                key, field, text = texts[0]  # type: ignore[index]
+                ch = st.channels.get(key)
+                if ch is not None and not ch.tool and text:
+                    buffer = ch.buffer
+                    start = buffer.total
+                    n = len(text)
+                    self._seq += 1
+                    st.items.append(
+                        Item(self._seq, original, choice, [Piece(ch, start, start + n, text, field)], None, (), n)
+                    )
+                    ch.last_text_at = now
+                    windows = buffer.feed(text)
+                    if windows:
+                        for window in windows:
+                            self._submit(ch, window)
+                    self._held += n
+                    self._generated_chars += n
+                    self._last_text = now
+                    if self._held >= self.max_held:
+                        for other in st.channels.values():
+                            self._flush(other)
+                        self._update_pause(now)
+                    return
         if self.finished:
             return
         self._seq += 1
@@ -505,6 +558,19 @@ class Core:
                 other.closed = True
                 self._flush(other)
 
+    def _count_shown(self, ch: Channel) -> None:
+        if self._count is not None and ch.shown:
+            self._count(ch.choice, ch.key, "".join(ch.shown), True)
+        ch.shown.clear()
+        ch.shown_size = 0
+
+    def flush_counts(self) -> None:
+        """Hand every released text not yet counted to the usage counter (before reading it)."""
+        for st in self._choices.values():
+            for ch in st.channels.values():
+                if ch.shown:
+                    self._count_shown(ch)
+
     def _count_unwindowed(self, st: ChoiceState) -> None:
         """Text of ``st`` not in a window yet will never be: count it as generated now."""
         if self._count is None:
@@ -694,10 +760,36 @@ class Core:
         progressed = False
         items = st.items
         cut = st.cut
+        fast = not cut and self._error is None
+        holdback = self._holdback
+        actions = self.actions
         while items:
             item = items[0]
             if bound is not None and item.seq > bound and not cut:
                 break
+            pieces = item.pieces
+            if fast and len(pieces) == 1 and item.finish is None and not item.opens:
+                # The hot path: one whole clean text delta goes out as it came in.
+                piece = pieces[0]
+                ch = piece.channel
+                if (
+                    not ch.tool
+                    and piece.end <= (ch.settled if holdback else ch.buffer.total)
+                    and not ch.redactions
+                    and not ch.redact_all
+                    and ch.released <= piece.start
+                ):
+                    items.popleft()
+                    self._held -= item.size
+                    ch.released = piece.end
+                    self._released_chars += piece.end - piece.start
+                    ch.shown.append(piece.text)
+                    ch.shown_size += piece.end - piece.start
+                    if ch.shown_size > _SHOWN_BATCH:
+                        self._count_shown(ch)
+                    actions.append(Release(item.original, None, item.choice))
+                    progressed = True
+                    continue
             if not self._ready(st, item):
                 if cut or self._partial_ok(st, item):
                     progressed |= self._emit(st, item, partial=True)
@@ -760,11 +852,12 @@ class Core:
             piece = pieces[0]
             ch = piece.channel
             if not ch.redactions and not ch.redact_all and not ch.tool and ch.released <= piece.start:
-                # The hot path: one whole, clean text delta goes out as it came in.
                 ch.released = piece.end
                 self._released_chars += piece.end - piece.start
-                if self._count is not None:
-                    self._count(st.index, ch.key, piece.text, True)
+                ch.shown.append(piece.text)
+                ch.shown_size += piece.end - piece.start
+                if ch.shown_size > _SHOWN_BATCH:
+                    self._count_shown(ch)
                 self.actions.append(Release(item.original, None, item.choice))
                 return True
         texts: dict[tuple[str, str], str] = {}
@@ -798,8 +891,11 @@ class Core:
             if spans:
                 ch.redactions = [r for r in ch.redactions if r[1] > hi]
             shown += hi - lo
-            if self._count is not None and text:
-                self._count(st.index, ch.key, text, True)
+            if text:
+                ch.shown.append(text)
+                ch.shown_size += len(text)
+                if ch.shown_size > _SHOWN_BATCH:
+                    self._count_shown(ch)
         for ch in item.opens:
             if not ch.complete:
                 drop.add(ch.key)

@@ -94,14 +94,14 @@ class Driver:
         self._moderator = moderator
         self._on_verdict = on_verdict
         self._on_flag = on_flag
-        self._ready: deque[Any] = deque()
+        self.ready: deque[Any] = deque()
         self._queue: deque[Moderate] = deque()
         self._workers = 0
         self._idle = 0
         self._work: anyio.Event | None = None
         self._consumer: anyio.Event | None = None
         self._reader: anyio.Event | None = None
-        self._reader_waiting = False
+        self.reader_waiting = False
         self._done = False
         self._error: BaseException | None = None
         self._scopes: set[anyio.CancelScope] = set()
@@ -192,6 +192,7 @@ class Driver:
             await self._close_upstream(chunk_iterator(self._source))
 
     def report(self) -> GuardReport:
+        self.core.flush_counts()
         ended = self.core.finished
         usage = self.usage.usage() if ended else None
         return self.core.report(
@@ -204,11 +205,11 @@ class Driver:
 
     async def next(self) -> Any:
         """The next released item; ``anyio.EndOfStream`` at the end, or the stream's error."""
-        ready = self._ready
+        ready = self.ready
         while True:
             if ready:
                 item = ready.popleft()
-                if self._reader_waiting and len(ready) <= _OUT_LOW:
+                if self.reader_waiting and len(ready) <= _OUT_LOW:
                     self._wake_reader()
                 return item
             if self._done:
@@ -252,7 +253,7 @@ class Driver:
         actions = self.core.actions
         if not actions:
             return
-        ready = self._ready
+        ready = self.ready
         shape = self.shape
         woke = False
         while actions:
@@ -276,6 +277,7 @@ class Driver:
                 woke = True
             elif kind is EmitUsage:
                 assert isinstance(action, EmitUsage)
+                self.core.flush_counts()
                 usage = self.usage.usage().model_dump(exclude_unset=True)
                 ready.append(shape.usage_chunk(action.template, usage))
                 woke = True
@@ -295,7 +297,12 @@ class Driver:
         if woke and self._consumer is not None:
             self._consumer.set()
             self._consumer = None
-        if self._reader_waiting and (self.core.wants_input or self._done) and len(ready) < _OUT_HIGH:
+        if self.reader_waiting and (self.core.wants_input or self._done) and len(ready) < _OUT_HIGH:
+            self._wake_reader()
+
+    def resume_reader(self) -> None:
+        """The consumer took an item: let a reader paused on a full output buffer go on."""
+        if len(self.ready) <= _OUT_LOW:
             self._wake_reader()
 
     def _wake_reader(self) -> None:
@@ -341,17 +348,17 @@ class Driver:
         iterator = self._iterator
         try:
             while True:
-                if not core.wants_input or len(self._ready) >= _OUT_HIGH:
+                if not core.wants_input or len(self.ready) >= _OUT_HIGH:
                     if core.finished:
                         break
                     if not core.wants_input and core.held_chars < core.max_held:
                         break  # upstream is done (every choice cut): nothing more to read
-                    self._reader_waiting = True
+                    self.reader_waiting = True
                     event = self._reader = anyio.Event()
                     try:
                         await event.wait()
                     finally:
-                        self._reader_waiting = False
+                        self.reader_waiting = False
                     continue
                 try:
                     first, self._first = self._first, None
@@ -421,12 +428,12 @@ class Driver:
             if i and texts:
                 await anyio.lowlevel.checkpoint()  # a long text: let other tasks run between slices
                 while not core.wants_input and not core.finished:
-                    self._reader_waiting = True
+                    self.reader_waiting = True
                     event = self._reader = anyio.Event()
                     try:
                         await event.wait()
                     finally:
-                        self._reader_waiting = False
+                        self.reader_waiting = False
             if names and choice is not None:
                 self._count_names(choice, names)
             if texts and self._kinds is not None and choice is not None:
