@@ -105,8 +105,10 @@ class GuardedStream:
         shape: Any = None,
         detect: bool = False,
     ) -> None:
-        # ``detect``: the shape is read off the first item (chat chunks, or Responses events).
-        self._detect = detect
+        # ``detect``: the shape is read off the stream's declared type (an openai stream says what
+        # it carries) or else off its first item (chat chunks, or Responses events).
+        declared = _declared_shape(stream) if detect else None
+        self._detect = detect and declared is None
         self._args: dict[str, Any] = {
             "moderator": moderator,
             "policy": policy,
@@ -116,6 +118,18 @@ class GuardedStream:
             "on_flag": on_flag,
         }
         self._delegate: Any = None  # a GuardedResponseStream, when the stream turned out to be one
+        if declared == "responses":
+            from .responses import GuardedResponseStream
+
+            self._delegate = GuardedResponseStream(
+                stream,
+                moderator=moderator,
+                policy=policy,
+                model=model,
+                messages=None if messages is None else list(messages),
+                on_verdict=on_verdict,
+                on_flag=on_flag,
+            )
         self._driver = Driver(
             stream,
             moderator=moderator,
@@ -280,6 +294,20 @@ class GuardedStream:
                     task.cancel()
                 except RuntimeError:  # the loop is gone already
                     pass
+
+
+def _declared_shape(stream: Any) -> str | None:
+    """``"chat"`` or ``"responses"`` when the stream declares what it carries (an ``openai`` stream
+    does, by its ``cast_to``), else None (then the first item tells)."""
+    cast = getattr(stream, "_cast_to", None)
+    if cast is None:
+        return None
+    name = getattr(cast, "__name__", None) or repr(cast)
+    if "ChatCompletionChunk" in name:
+        return "chat"
+    if "Response" in name:
+        return "responses"
+    return None
 
 
 def _running_asyncio_loop() -> Any:

@@ -95,11 +95,15 @@ async def assert_no_task_left() -> None:
     The ``openai`` client's ``AsyncStream.close()`` closes the HTTP response but leaves its inner
     async generators (``_iter_events``, ``SSEDecoder.aiter_bytes``, httpx's ``aiter_bytes``) to
     the garbage collector; asyncio then closes each in a short-lived task. A task of ours would
-    still be pending after that.
+    still be pending after that. Closing one generator can drop the last reference to the next
+    (each in a task of its own), so the loop waits as many turns as the chain is deep, up to 50: a
+    task that waits on anything (a leak of ours) is still pending after that.
     """
     gc.collect()
-    for _ in range(5):
+    for _ in range(50):
         await anyio.lowlevel.checkpoint()
+        if not other_tasks():
+            break
     assert other_tasks() == set()
 
 
