@@ -15,69 +15,75 @@ RawEvent = tuple[bytes | None, bytes]  # (event name, data)
 
 
 class EventParser:
-    """Feed body bytes as they arrive; get the ``(event, data)`` pairs each feed completes."""
+    """Feed body bytes as they arrive; get the ``(event, data)`` pairs each feed completes.
+
+    Works a block (the text between two blank lines) at a time: a block that is one ``data: ``
+    line is sliced out whole; any other block is read line by line.
+    """
 
     def __init__(self) -> None:
-        self._buffer = b""
-        self._data: list[bytes] = []
-        self._event: bytes | None = None
+        self._buffer = b""  # text after the last complete block, line ends already made "\n"
+        self._cr = False  # the last chunk ended with "\r": a "\n" starting the next one belongs to it
         self._started = False
 
     def feed(self, chunk: bytes) -> list[RawEvent]:
         """Parse ``chunk``; return the events it completes (possibly none)."""
-        buffer = self._buffer + chunk if self._buffer else chunk
         if not self._started:
-            if len(buffer) < 3 and b"\xef\xbb\xbf".startswith(buffer):
-                self._buffer = buffer
+            if len(self._buffer) + len(chunk) < 3 and b"\xef\xbb\xbf".startswith(self._buffer + chunk):
+                self._buffer += chunk
                 return []
+            chunk, self._buffer = self._buffer + chunk, b""
             self._started = True
-            if buffer.startswith(b"\xef\xbb\xbf"):
-                buffer = buffer[3:]
-        if b"\r" in buffer:
-            if buffer.endswith(b"\r"):  # its "\n" may be in the next chunk: decide then
-                self._buffer = buffer
-                buffer = buffer[:-1]
-                keep_cr = True
-            else:
-                keep_cr = False
-            buffer = buffer.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        else:
-            keep_cr = False
+            if chunk.startswith(b"\xef\xbb\xbf"):
+                chunk = chunk[3:]
+        if not chunk:
+            return []
+        if self._cr and chunk[:1] == b"\n":
+            chunk = chunk[1:]
+        self._cr = chunk[-1:] == b"\r"
+        if b"\r" in chunk:
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        old = len(self._buffer)
+        buffer = self._buffer + chunk if old else chunk
         events: list[RawEvent] = []
         start = 0
-        find = buffer.find
-        while True:
-            end = find(b"\n", start)
-            if end < 0:
-                break
-            self._line(buffer[start:end], events)
-            start = end + 1
-        rest = buffer[start:]
-        self._buffer = rest + b"\r" if keep_cr else rest
+        end = buffer.find(b"\n\n", old - 1 if old else 0)
+        while end >= 0:
+            self._block(buffer[start:end], events)
+            start = end + 2
+            end = buffer.find(b"\n\n", start)
+        self._buffer = buffer[start:]
         return events
 
     def finish(self) -> list[RawEvent]:
         """The body ended: dispatch a last event left without its blank line."""
         events: list[RawEvent] = []
         if self._buffer:
-            self._line(self._buffer.rstrip(b"\r"), events)
+            self._block(self._buffer, events)
             self._buffer = b""
-        self._line(b"", events)
         return events
 
-    def _line(self, line: bytes, events: list[RawEvent]) -> None:
-        if not line:
-            if self._data:
-                events.append((self._event, b"\n".join(self._data)))
-            self._data = []
-            self._event = None
+    @staticmethod
+    def _block(block: bytes, events: list[RawEvent]) -> None:
+        if block[:6] == b"data: " and b"\n" not in block:  # nearly every event of an LLM stream
+            events.append((None, block[6:]))
             return
-        if line[:1] == b":":
-            return
-        name, colon, value = line.partition(b":")
-        if colon and value[:1] == b" ":
-            value = value[1:]
-        if name == b"data":
-            self._data.append(value)
-        elif name == b"event":
-            self._event = value
+        data: list[bytes] = []
+        event: bytes | None = None
+        for line in block.split(b"\n"):
+            if not line:  # a blank line (only at the block's start): dispatch, reset
+                if data:
+                    events.append((event, b"\n".join(data)))
+                data, event = [], None
+                continue
+            if line[:1] == b":":
+                continue
+            name, colon, value = line.partition(b":")
+            if colon and value[:1] == b" ":
+                value = value[1:]
+            if name == b"data":
+                data.append(value)
+            elif name == b"event":
+                event = value
+        if data:
+            events.append((event, b"\n".join(data)))
