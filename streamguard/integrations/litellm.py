@@ -49,7 +49,7 @@ from ..guard import guard
 from ..moderation import KeywordModerator, LocalModerator, Moderator, OpenAIModerator
 from ..policy import Policy
 
-__all__ = ["GuardrailConfig", "StreamGuardrail"]
+__all__ = ["GuardrailConfig", "GuardrailStartupError", "StreamGuardrail"]
 
 logger = logging.getLogger(__name__)
 
@@ -198,6 +198,15 @@ def shared_moderator(config: GuardrailConfig) -> Moderator:
     return moderator
 
 
+class GuardrailStartupError(RuntimeError):
+    """A :class:`StreamGuardrail` was configured so that it cannot work; the proxy must not start.
+
+    Not a ``ValueError`` (as :class:`~streamguard.ConfigError` is) on purpose: LiteLLM skips a
+    guardrail whose constructor raises ``ValueError`` or ``TypeError`` and starts without it,
+    which would serve every request unguarded. This error stops LiteLLM's startup instead.
+    """
+
+
 class StreamGuardrail(CustomGuardrail):
     """A LiteLLM guardrail that moderates answers with streamguard's sliding windows.
 
@@ -217,13 +226,17 @@ class StreamGuardrail(CustomGuardrail):
             :meth:`GuardrailConfig.from_params`), the rest go to ``CustomGuardrail``.
 
     Raises:
-        ConfigError: The configuration cannot work.
+        GuardrailStartupError: The configuration cannot work (its ``__cause__`` is the
+            :class:`~streamguard.ConfigError` that says why).
     """
 
     def __init__(self, **kwargs: Any) -> None:
         params = {k: kwargs.pop(k) for k in list(kwargs) if k.lower().startswith(_PREFIX)}
-        self.config = GuardrailConfig.from_params(params)
-        self.moderator = shared_moderator(self.config)
+        try:
+            self.config = GuardrailConfig.from_params(params)
+            self.moderator = shared_moderator(self.config)
+        except ConfigError as exc:
+            raise GuardrailStartupError(f"streamguard guardrail {kwargs.get('guardrail_name')!r}: {exc}") from exc
         # id(request dict) -> (that dict, whether its input was flagged). Keyed by the dict itself,
         # not by litellm_call_id, which a client may set (x-litellm-call-id) to collide with another.
         self._input_flags: OrderedDict[int, tuple[dict[str, Any], bool]] = OrderedDict()

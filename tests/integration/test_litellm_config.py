@@ -13,7 +13,7 @@ import pytest
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 from streamguard import ConfigError, KeywordModerator, OpenAIModerator, Policy
-from streamguard.integrations.litellm import OPTIONS, GuardrailConfig, StreamGuardrail
+from streamguard.integrations.litellm import OPTIONS, GuardrailConfig, GuardrailStartupError, StreamGuardrail
 
 
 def test_defaults_are_the_openai_moderator_and_the_safe_policy() -> None:
@@ -134,16 +134,27 @@ def test_guardrails_share_one_moderator_per_configuration(monkeypatch: pytest.Mo
 
 
 def test_openai_moderator_needs_a_key(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The openai moderator without any key is a ConfigError at start, not a failure on the first request."""
+    """The openai moderator without any key fails at start, not on the first request."""
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     monkeypatch.delenv("STREAMGUARD_MODERATION_API_KEY", raising=False)
     monkeypatch.delenv("STREAMGUARD_MODERATOR", raising=False)
-    with pytest.raises(ConfigError, match="needs STREAMGUARD_MODERATION_API_KEY"):
+    with pytest.raises(GuardrailStartupError, match="'x': the openai moderator needs STREAMGUARD_MODERATION_API_KEY"):
         StreamGuardrail(guardrail_name="x", event_hook="post_call")
     guardrail = StreamGuardrail(
         guardrail_name="y", event_hook="post_call", streamguard_moderation_api_key="k", streamguard_moderator="openai"
     )
     assert isinstance(guardrail.moderator, OpenAIModerator)
+
+
+def test_a_guardrail_that_cannot_work_is_not_a_value_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """LiteLLM starts without a guardrail whose constructor raises ValueError or TypeError (unguarded), so a
+    bad configuration raises GuardrailStartupError, caused by the ConfigError that says why."""
+    monkeypatch.setenv("STREAMGUARD_MODERATOR", "llama")
+    with pytest.raises(GuardrailStartupError) as caught:
+        StreamGuardrail(guardrail_name="bad", event_hook="post_call")
+    assert not isinstance(caught.value, ValueError | TypeError)
+    assert isinstance(caught.value.__cause__, ConfigError)
+    assert "STREAMGUARD_MODERATOR must be one of" in str(caught.value)
 
 
 def test_importing_streamguard_does_not_import_litellm() -> None:

@@ -343,6 +343,18 @@ async def test_openai_moderator_cuts_a_flagged_stream(setup: Setup, client: Asyn
     assert FLAG not in got.text and FLAGGED_TEXT.startswith(got.text)
 
 
+def test_a_bad_configuration_stops_the_proxy_instead_of_running_unguarded(tmp_path: Path) -> None:
+    """LiteLLM skips a guardrail whose constructor raises ValueError and serves without it; StreamGuardrail's
+    configuration errors stop the proxy at start instead, with the reason in its log."""
+    config = CONFIG.format(base_url="http://127.0.0.1:9/v1").replace(
+        "streamguard_redaction:", "streamguard_mode: later\n      streamguard_redaction:"
+    )
+    with pytest.raises(RuntimeError, match="litellm exited") as caught:
+        with run_litellm(config, tmp_path, ENV):
+            pass
+    assert "mode must be one of 'holdback', 'stream_first', got 'later'" in str(caught.value)
+
+
 def test_proxy_log_has_no_traceback(setup: Setup) -> None:
     """Nothing the guardrail did raised inside the proxy."""
     log = setup.proxy.log.read_text(errors="replace")
