@@ -11,7 +11,7 @@ examples are the positives of the other folds (cross-validation), so every text 
 score per category. With ``--examples FILE`` the examples come from that file instead and every
 text of ``--data`` is scored once.
 
-For each category and each threshold 0.50, 0.55, ..., 0.95 it reports precision, recall and F1
+For each category and each threshold 0.30, 0.35, ..., 0.95 it reports precision, recall and F1
 (a text is predicted positive when its score reaches the threshold), as a markdown table, and
 suggests the threshold with the best F1 (ties: the highest, which flags less).
 
@@ -33,10 +33,13 @@ How to choose thresholds:
 
 Usage::
 
+    python benchmarks/embedding_thresholds.py --local [--data FILE] [--folds 5] [--out FILE.json]
     python benchmarks/embedding_thresholds.py --offline [--data FILE] [--folds 5] [--out FILE.json]
     python benchmarks/embedding_thresholds.py --base-url https://api.openai.com/v1 [--model M]
         [--api-key KEY] [--examples FILE] [--data FILE] [--out FILE.json]
 
+``--local`` scores with ``EmbeddingModerator(backend="local")``: all-MiniLM-L6-v2 on this machine
+(the ``local`` extra), no key, no network; real numbers for that model.
 ``--offline`` serves the tests' deterministic hashed bag-of-words embeddings
 (``streamguard.testing.upstream.hashed_embeddings``) from an in-process loopback server: it exercises the
 whole path with no network, but its numbers say nothing about a real embedding model.
@@ -59,7 +62,7 @@ import openai
 from streamguard.moderation import EmbeddingModerator
 
 DEFAULT_DATA = Path(__file__).resolve().parent / "data" / "topics.jsonl"
-THRESHOLDS = [round(0.50 + 0.05 * i, 2) for i in range(10)]  # 0.50 .. 0.95
+THRESHOLDS = [round(0.30 + 0.05 * i, 2) for i in range(14)]  # 0.30 .. 0.95 (MiniLM similarities run lower)
 
 
 @dataclass(frozen=True)
@@ -109,16 +112,17 @@ def examples_of(samples: Sequence[Sample]) -> dict[str, list[str]]:
 
 
 async def score(
-    client: openai.AsyncOpenAI,
+    client: openai.AsyncOpenAI | None,
     samples: Sequence[Sample],
     *,
     model: str,
     folds: int,
     examples: Mapping[str, Sequence[str]] | None = None,
+    backend: str = "openai",
 ) -> list[dict[str, float]]:
     """Each sample's score per category, from a moderator that never has the sample as an example."""
     if examples is not None:
-        moderator = EmbeddingModerator(client, categories=examples, model=model)
+        moderator = EmbeddingModerator(client, categories=examples, model=model, backend=backend)
         return [dict(v.scores) for v in await moderator.moderate([s.text for s in samples])]
     categories = sorted(examples_of(samples))
     fold = folds_of(samples, folds)
@@ -131,7 +135,7 @@ async def score(
         held_out = [i for i, g in enumerate(fold) if g == f]
         if not held_out:
             continue
-        moderator = EmbeddingModerator(client, categories=train, model=model)
+        moderator = EmbeddingModerator(client, categories=train, model=model, backend=backend)
         verdicts = await moderator.moderate([samples[i].text for i in held_out])
         for i, verdict in zip(held_out, verdicts, strict=True):
             scores[i] = dict(verdict.scores)
@@ -193,7 +197,7 @@ def markdown(report: Mapping[str, Any]) -> str:
                 f"{row['f1']:.2f} | {row['tp']} | {row['fp']} | {row['fn']} |"
             )
         if r["suggested"] is None:
-            out.append("\nNo threshold in 0.50–0.95 finds any positive: add examples, or check the model.\n")
+            out.append("\nNo threshold in 0.30–0.95 finds any positive: add examples, or check the model.\n")
         else:
             out.append(f"\nSuggested threshold: **{r['suggested']:.2f}** (F1 {r['suggested_f1']:.2f}).")
             if r["suggested"] == THRESHOLDS[0]:
@@ -211,7 +215,10 @@ def _offline_server() -> Iterator[str]:
         yield upstream.base_url
 
 
-async def _run(args: argparse.Namespace, base_url: str, samples: list[Sample]) -> list[dict[str, float]]:
+async def _run(args: argparse.Namespace, base_url: str | None, samples: list[Sample]) -> list[dict[str, float]]:
+    if base_url is None:  # --local
+        examples = examples_of(load(args.examples)) if args.examples else None
+        return await score(None, samples, model=args.model, folds=args.folds, examples=examples, backend="local")
     api_key = args.api_key or os.environ.get("OPENAI_API_KEY") or "unused"
     examples = examples_of(load(args.examples)) if args.examples else None
     async with openai.AsyncOpenAI(api_key=api_key, base_url=base_url) as client:
@@ -223,6 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--base-url", help="an OpenAI-compatible server, e.g. https://api.openai.com/v1")
+    where.add_argument("--local", action="store_true", help="all-MiniLM-L6-v2 on this machine (the local extra)")
     where.add_argument("--offline", action="store_true", help="hashed test embeddings from a loopback server")
     parser.add_argument("--api-key", help="default: $OPENAI_API_KEY")
     parser.add_argument("--model", default="text-embedding-3-small")
@@ -240,7 +248,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         base_url = stack.enter_context(_offline_server()) if args.offline else args.base_url
         scores = anyio.run(_run, args, base_url, samples)
     report = evaluate(samples, scores)
-    source = "offline hashed embeddings" if args.offline else f"{args.model} at {args.base_url}"
+    if args.local:
+        source = "all-MiniLM-L6-v2, local"
+    elif args.offline:
+        source = "offline hashed embeddings"
+    else:
+        source = f"{args.model} at {args.base_url}"
     split = f"examples from {args.examples}" if args.examples else f"{args.folds}-fold cross-validation"
     print(f"## Embedding thresholds: {args.data.name}, {source}, {split}\n")
     print(markdown(report))
@@ -249,7 +262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "data": str(args.data),
             "source": source,
             "split": split,
-            "model": args.model,
+            "model": "all-MiniLM-L6-v2" if args.local else args.model,
             "categories": report,
             "samples": [
                 {"text": s.text, "label": s.label, "scores": sc} for s, sc in zip(samples, scores, strict=True)

@@ -14,8 +14,18 @@ moderator:
 
 Usage::
 
-    python benchmarks/moderation_quality.py [--data DIR] [--limit N] [--moderators local keyword]
-        [--window 240] [--first-window 1] [--overlap 64] [--out FILE.json]
+    python benchmarks/moderation_quality.py [--data DIR] [--limit N] [--moderators local profanity keyword]
+        [--heads shipped|lodo|split] [--window 240] [--first-window 1] [--overlap 64] [--out FILE.json]
+
+The local moderator's heads were trained on labelled data (``data/moderation``, a copy of most of
+the DEV split), so scoring the shipped heads on that data is scoring them on their training data.
+``--heads`` chooses honest alternatives, trained in-process by ``streamguard.moderation.train``'s
+recipe (embeddings are cached in ``--cache``):
+
+- ``lodo``: for each dataset, heads trained on the other datasets only, scored on it;
+- ``split``: heads trained on the 70% of every dataset that :func:`held_out` leaves in, scored on
+  the other 30% (split by hash of the text, of the template for HateCheck);
+- ``shipped``: the committed heads, on ``--data`` (in-sample for the rows they were trained on).
 
 Window sizes default to ``Policy()``'s. ``flush_after`` is raised to an hour: the scripted upstream
 never stalls, so only the text (never event-loop load) decides where windows are cut.
@@ -29,8 +39,10 @@ import json
 import random
 import re
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,10 +51,11 @@ import anyio
 import streamguard
 import streamguard.testing
 from streamguard.exceptions import ConfigError
-from streamguard.moderation import KeywordModerator, LocalModerator, Moderator
+from streamguard.moderation import KeywordModerator, LocalModerator, Moderator, ProfanityModerator
 from streamguard.policy import Policy
 
 DEFAULT_DATA = Path("/work/shared/data/moderation")
+TRAIN_DATA = Path(__file__).resolve().parent.parent / "data" / "moderation"
 # A small baseline list: common profanity, insults and violent words (no slurs).
 KEYWORDS = [
     r"fuck\w*",
@@ -65,7 +78,7 @@ _WORDS = re.compile(r"\s*\S+|\s+")
 CONCURRENCY = 64
 # No quiet-gap flushes: the scripted upstream never stalls, so a gap would only be event-loop load.
 FLUSH_AFTER = 3600.0
-MODERATORS = ("local", "keyword")
+MODERATORS = ("local", "profanity", "keyword")
 
 
 def words(text: str) -> list[str]:
@@ -202,32 +215,79 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-async def run(
-    datasets: dict[str, tuple[list[str], list[bool]]], policy: Policy, names: Sequence[str] = MODERATORS
-) -> list[dict[str, Any]]:
-    """Evaluate the named moderators (``local``, ``keyword``) on each dataset (name -> texts, labels)."""
-    moderators: dict[str, Moderator] = {}
-    for name in names:
-        if name == "local":
-            local = LocalModerator()
-            await anyio.to_thread.run_sync(local.load)
-            moderators[name] = local
+def _sample(rows: Sequence[Any], limit: int | None, seed: int = 0) -> list[Any]:
+    rows = list(rows)
+    return random.Random(seed).sample(rows, limit) if limit is not None and len(rows) > limit else rows
+
+
+def trained_heads(kind: str, train_data: Path, limit: int | None, cache: Path | None, folder: Path) -> list[Job]:
+    """Heads files trained by ``kind`` (``lodo`` or ``split``), each with the rows to score it on."""
+    from streamguard.moderation import _minilm, train
+
+    rows = train.load_rows(train_data)
+    embed = train.cached(_minilm.shared().embed, cache)
+    plans: list[tuple[str, list[train.Row], list[train.Row]]] = []
+    for dataset in sorted({r.dataset for r in rows}):
+        own = [r for r in rows if r.dataset == dataset]
+        if kind == "lodo":
+            plans.append((dataset, [r for r in rows if r.dataset != dataset], own))
         else:
-            moderators[name] = KeywordModerator(KEYWORDS)
+            plans.append((dataset, [r for r in rows if not train.held_out(r)], [r for r in own if train.held_out(r)]))
+    jobs: list[Job] = []
+    trained: dict[int, Path] = {}
+    for dataset, inside, outside in plans:
+        key = hash(tuple(r.id for r in inside))
+        if key not in trained:
+            training = train.with_fragments(inside)
+            heads = train.train(training, train.embed_rows(training, embed))
+            path = folder / f"heads-{kind}-{len(trained)}.json"
+            path.write_text(train.dumps(train.document(inside, heads, train_data)), encoding="utf-8")
+            trained[key] = path
+        sample = _sample(outside, limit)
+        jobs.append(Job(dataset, [r.text for r in sample], [r.flagged for r in sample], trained[key]))
+    return jobs
+
+
+@dataclass(frozen=True)
+class Job:
+    """A dataset's texts and labels, and the heads file the local moderator scores them with."""
+
+    dataset: str
+    texts: list[str]
+    labels: list[bool]
+    heads: Path | None = None
+
+
+async def run(jobs: Sequence[Job], policy: Policy, names: Sequence[str] = MODERATORS) -> list[dict[str, Any]]:
+    """Evaluate the named moderators (``local``, ``profanity``, ``keyword``) on each job."""
+    shared: dict[str, Moderator] = {}
     rows = []
-    for dataset, (texts, labels) in datasets.items():
-        for name, moderator in moderators.items():
+    for job in jobs:
+        for name in names:
+            moderator: Moderator
+            if name == "local":
+                local = LocalModerator(heads=job.heads)
+                await local.prepare()
+                moderator = local
+            elif name == "profanity":
+                if name not in shared:
+                    profanity = ProfanityModerator()
+                    await anyio.to_thread.run_sync(profanity.load)
+                    shared[name] = profanity
+                moderator = shared[name]
+            else:
+                moderator = shared.setdefault(name, KeywordModerator(KEYWORDS))
             start = time.perf_counter()
-            result = await evaluate(moderator, texts, labels, policy=policy)
+            result = await evaluate(moderator, job.texts, job.labels, policy=policy)
             summary = {k: v for k, v in result.items() if k not in ("whole", "windowed")}
-            rows.append({"dataset": dataset, "moderator": name, **summary, "seconds": time.perf_counter() - start})
+            rows.append({"dataset": job.dataset, "moderator": name, **summary, "seconds": time.perf_counter() - start})
     return rows
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     default = Policy()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder of *.jsonl files")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder of *.jsonl files (--heads shipped)")
     parser.add_argument(
         "--limit",
         type=int,
@@ -235,6 +295,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="samples per dataset, a seeded random sample (default 1500, about 30 s in all; 0: all)",
     )
     parser.add_argument("--moderators", nargs="+", choices=MODERATORS, default=list(MODERATORS))
+    parser.add_argument("--heads", choices=("shipped", "lodo", "split"), default="shipped")
+    parser.add_argument("--train-data", type=Path, default=TRAIN_DATA, help="the heads' training data (lodo, split)")
+    parser.add_argument("--cache", type=Path, help="an .npz keeping training embeddings between runs")
     parser.add_argument("--window", type=int, default=default.window_chars, help="Policy.window_chars")
     parser.add_argument(
         "--first-window", type=int, default=default.first_window_chars, help="Policy.first_window_chars"
@@ -250,17 +313,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         parser.error(str(exc))
     start = time.perf_counter()
-    datasets = {p.name.split(".")[0]: load(p, args.limit or None) for p in sorted(args.data.glob("*.jsonl"))}
-    rows = anyio.run(run, datasets, policy, args.moderators)
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.heads == "shipped":
+            jobs = []
+            for p in sorted(args.data.glob("*.jsonl")):
+                texts, labels = load(p, args.limit or None)
+                jobs.append(Job(p.name.split(".")[0], texts, labels))
+        else:
+            jobs = trained_heads(args.heads, args.train_data, args.limit or None, args.cache, Path(tmp))
+        rows = anyio.run(run, jobs, policy, args.moderators)
     elapsed = time.perf_counter() - start
     print(table(rows))
     print(
-        f"\nwindows: window_chars={policy.window_chars} first_window_chars={policy.first_window_chars} "
-        f"growth={policy.window_growth} overlap_chars={policy.overlap_chars}; limit={args.limit}; "
-        f"{elapsed:.1f}s"
+        f"\nheads: {args.heads}; windows: window_chars={policy.window_chars} "
+        f"first_window_chars={policy.first_window_chars} growth={policy.window_growth} "
+        f"overlap_chars={policy.overlap_chars}; limit={args.limit}; {elapsed:.1f}s"
     )
     if args.out:
         settings = {
+            "heads": args.heads,
             "limit": args.limit,
             "window_chars": policy.window_chars,
             "first_window_chars": policy.first_window_chars,

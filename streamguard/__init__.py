@@ -27,6 +27,7 @@ from .moderation import (
     LocalModerator,
     Moderator,
     OpenAIModerator,
+    ProfanityModerator,
     Verdict,
 )
 from .policy import Decision, Policy
@@ -59,6 +60,7 @@ __all__ = [
     "Moderator",
     "OpenAIModerator",
     "Policy",
+    "ProfanityModerator",
     "Span",
     "StreamFormatError",
     "StreamGuardError",

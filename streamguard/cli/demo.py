@@ -95,10 +95,10 @@ def _demo_offline(args: argparse.Namespace, policy: Policy) -> int:
         moderator_name = "KeywordModerator (the demo's word list)"
     else:
         local = LocalModerator()
-        with console.status("loading the local profanity model..."):
+        with console.status("loading the local moderation models..."):
             local.load()  # about a second; not part of any measured time
             local.probabilities(["warm up"])  # the first prediction is slow (tens of ms)
-        moderator, moderator_name = local, "LocalModerator (offline profanity classifier)"
+        moderator, moderator_name = local, "LocalModerator (offline: MiniLM embeddings + profanity model)"
     events = text_chunks(word_deltas(DEMO_ANSWER), model=DEMO_MODEL, id="chatcmpl-demo")
     messages = [{"role": "user", "content": DEMO_PROMPT}]
     # A request with max_tokens=1 gets a one-word answer: the warm-up stream.

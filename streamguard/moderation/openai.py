@@ -87,7 +87,7 @@ class _EndpointModerator:
 
     def __init__(
         self,
-        client: openai.AsyncOpenAI,
+        client: openai.AsyncOpenAI | None,
         *,
         max_batch: int,
         max_wait: float,
@@ -101,7 +101,8 @@ class _EndpointModerator:
             raise ConfigError(f"timeout must be a positive number of seconds, got {timeout!r}")
         if not (backoff >= 0 and math.isfinite(backoff)):
             raise ConfigError(f"backoff must be a non-negative number of seconds, got {backoff!r}")
-        self._client = client.with_options(max_retries=0, timeout=timeout)
+        if client is not None:  # None: a subclass that computes locally (EmbeddingModerator(backend="local"))
+            self._client = client.with_options(max_retries=0, timeout=timeout)
         self._retrier = _Retrier(max_retries=max_retries, backoff=backoff)
         self._batcher: Batcher[str, Verdict] = Batcher(self._send_counted, max_batch=max_batch, max_wait=max_wait)
         self._calls = 0

@@ -399,3 +399,29 @@ async def test_a_failed_call_releases_the_callers_waiting_behind_it() -> None:
             gate.set()
     assert out == [[20]]
     assert calls == 3
+
+
+async def test_max_in_flight_gathers_callers_into_the_next_batch() -> None:
+    """With max_in_flight=1, callers arriving during a call wait for it (not for max_wait) and go as one batch."""
+    gate = anyio.Event()
+    fn = Recorder(gate=gate)
+    batcher: Batcher[int, int] = Batcher(fn, max_batch=100, max_wait=0.0, max_in_flight=1)
+    results: dict[int, list[int]] = {}
+
+    async def call(i: int) -> None:
+        results[i] = await batcher.submit([i])
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call, 0)
+            await fn.first_call.wait()
+            for i in range(1, 6):
+                tg.start_soon(call, i)
+            await anyio.wait_all_tasks_blocked()
+            await anyio.sleep(0.02)  # far past max_wait: still nobody else may start a call
+            assert fn.started == 1
+            gate.set()
+    assert [sorted(b) for b in fn.batches] == [[0], [1, 2, 3, 4, 5]]  # trio starts tasks in any order
+    assert results == {i: [i * 10] for i in range(6)}
+    with pytest.raises(ConfigError):
+        Batcher(fn, max_in_flight=0)
