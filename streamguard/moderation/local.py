@@ -36,8 +36,8 @@ from ..exceptions import ConfigError
 from ._base import Verdict
 from ._batcher import Batcher
 from ._minilm import INSTALL_HINT, MODEL_PACKAGE
-from .profanity import CATEGORY as PROFANITY
 from .normalize import moderation_view
+from .profanity import CATEGORY as PROFANITY
 from .profanity import ProfanityModerator
 
 __all__ = ["LocalModerator"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import socket
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -222,3 +223,11 @@ def test_training_is_deterministic(moderator: LocalModerator) -> None:
     assert runs[0] == runs[1]
     heads = json.loads(runs[0])["heads"]
     assert train.HARMFUL in heads and "hate" in heads  # categories with positives in the subset got heads
+
+
+def test_importing_and_constructing_loads_no_model_runtime() -> None:
+    """``import streamguard`` and ``LocalModerator()`` import no onnxruntime, tokenizers or scikit-learn yet."""
+    code = "import json, sys, streamguard\nstreamguard.LocalModerator()\nprint(json.dumps(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    heavy = {"onnxruntime", "onnx", "tokenizers", "sklearn", "profanity_check", _minilm.MODEL_PACKAGE}
+    assert {m.split(".")[0] for m in json.loads(out.stdout)} & heavy == set()
