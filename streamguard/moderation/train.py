@@ -5,6 +5,13 @@ Usage (from the repo root; needs the ``local`` extra)::
     python -m streamguard.moderation.train             # retrain, write streamguard/moderation/_models/heads.json
     python -m streamguard.moderation.train --check     # retrain, compare with the committed file (exit 1 if not equal)
     python -m streamguard.moderation.train --lodo      # leave-one-dataset-out F1 of the heads, whole texts
+    python -m streamguard.moderation.train --split --out FILE    # heads from the 70% that held_out() leaves in
+    python -m streamguard.moderation.train --exclude xstest_prompts --out FILE   # without a dataset
+
+``--cache FILE.npz`` keeps the embeddings between runs (development only: ``--check`` without it
+re-embeds everything, so it also checks that the embeddings are reproducible).
+``benchmarks/moderation_quality.py --heads split|lodo`` streams held-out texts through ``guard()``
+with heads trained this way.
 
 Data: ``data/moderation/*.jsonl`` in the repo (labelled DEV data copied from public datasets, see
 ``data/moderation/README.md`` for sources, licences and how the rows were chosen).
