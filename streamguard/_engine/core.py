@@ -161,7 +161,6 @@ class Core:
         input_text: The request's text to moderate (``Policy.moderate_input``), or None.
         now: The current time, in seconds of any monotonic clock.
         count: Called with every text generated and every text released, for token usage.
-        upstream_usage: Whether upstream sent its own usage record (then none is made).
     """
 
     def __init__(
@@ -603,12 +602,7 @@ class Core:
             error = outcome
             if self.policy.on_error == "fail_closed":
                 self.actions.append(Notify("verdict", _event(st.index, w, None, took, error, ch.key)))
-                if isinstance(outcome, ModerationError):
-                    self._fail(outcome)
-                else:
-                    failure = ModerationError(f"moderator failed: {outcome!r}")
-                    failure.__cause__ = outcome
-                    self._fail(failure)
+                self._fail(_moderation_error(outcome, "moderator failed"))
                 return
             self._unmoderated.append(Span(st.index, w.start, w.end, repr(outcome), ch.key))
             ch.settled = w.end
@@ -664,12 +658,7 @@ class Core:
             self.actions.append(Notify("verdict", _event(-1, window, None, took, outcome, "input")))
             if self.policy.on_error == "fail_closed":
                 # The input has no clean verdict: no output goes out, whatever its own verdicts.
-                if isinstance(outcome, ModerationError):
-                    self._fail(outcome, release=False)
-                else:
-                    failure = ModerationError(f"input moderation failed: {outcome!r}")
-                    failure.__cause__ = outcome
-                    self._fail(failure, release=False)
+                self._fail(_moderation_error(outcome, "input moderation failed"), release=False)
                 return
             self._unmoderated.append(Span(-1, 0, self._input_chars, repr(outcome), "input"))
             return
@@ -999,6 +988,15 @@ def _event(
     choice: int, w: Window, flag: Flag | None, took: float, error: BaseException | None, channel: str
 ) -> VerdictEvent:
     return VerdictEvent(choice, w.seq, w.start, w.end, w.text, flag, took, error, channel)
+
+
+def _moderation_error(outcome: BaseException, what: str) -> ModerationError:
+    """``outcome`` as the ModerationError a fail-closed stream ends with (raised from the cause)."""
+    if isinstance(outcome, ModerationError):
+        return outcome
+    failure = ModerationError(f"{what}: {outcome!r}")
+    failure.__cause__ = outcome
+    return failure
 
 
 def _redact(text: str, offset: int, spans: list[tuple[int, int]] | None, redaction: str) -> str:

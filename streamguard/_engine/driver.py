@@ -353,12 +353,7 @@ class Driver:
                         break
                     if not core.wants_input and core.held_chars < core.max_held:
                         break  # upstream is done (every choice cut): nothing more to read
-                    self.reader_waiting = True
-                    event = self._reader = anyio.Event()
-                    try:
-                        await event.wait()
-                    finally:
-                        self.reader_waiting = False
+                    await self._paused()
                     continue
                 try:
                     first, self._first = self._first, None
@@ -401,6 +396,15 @@ class Driver:
                 core.end(now=clock())
                 self._pump()
 
+    async def _paused(self) -> None:
+        """Wait, reading nothing, until verdicts or the consumer free room (``_pump`` wakes us)."""
+        self.reader_waiting = True
+        event = self._reader = anyio.Event()
+        try:
+            await event.wait()
+        finally:
+            self.reader_waiting = False
+
     def _take_notice(self, shape: ChatShape) -> None:
         """Usage, a new model name or dropped fields came with the last chunk."""
         shape.notice = False
@@ -428,12 +432,7 @@ class Driver:
             if i and texts:
                 await anyio.lowlevel.checkpoint()  # a long text: let other tasks run between slices
                 while not core.wants_input and not core.finished:
-                    self.reader_waiting = True
-                    event = self._reader = anyio.Event()
-                    try:
-                        await event.wait()
-                    finally:
-                        self.reader_waiting = False
+                    await self._paused()
             if names and choice is not None:
                 self._count_names(choice, names)
             if texts and self._kinds is not None and choice is not None:

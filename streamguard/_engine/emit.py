@@ -17,9 +17,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from openai.types.chat import ChatCompletionChunk
-from pydantic import ValidationError
 
 from ..exceptions import StreamFormatError
+from ..sources import as_chunk
 from .core import Edit, TextPart
 
 __all__ = ["ChatShape", "Unit"]
@@ -73,7 +73,7 @@ class ChatShape:
             return self._object_units(raw)
         if isinstance(raw, Mapping):
             if self.dicts is False:
-                return self._object_units(validate_chunk(raw))
+                return self._object_units(as_chunk(raw))
             self.dicts = True
             return self._dict_units(raw if isinstance(raw, dict) else dict(raw))
         raise StreamFormatError(f"expected a chat completion chunk (object or dict), got {type(raw).__name__}")
@@ -428,11 +428,3 @@ def _edit_dict(chunk: Mapping[str, Any], edit: Edit) -> dict[str, Any]:
     if edit.drop_logprobs and "logprobs" in choice:
         choice["logprobs"] = None
     return {**chunk, "choices": [choice]}
-
-
-def validate_chunk(data: Mapping[str, Any]) -> ChatCompletionChunk:
-    """A dict as a chunk, as leniently as the openai client reads what providers send."""
-    try:
-        return ChatCompletionChunk.model_validate(dict(data))
-    except ValidationError:
-        return ChatCompletionChunk.construct(**dict(data))
