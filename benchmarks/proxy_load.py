@@ -19,7 +19,9 @@ Systems under test, at each concurrency level, side by side in one run:
 Measured per run, after warming every worker up: CPU time of the middle process and its workers
 (``/proc``, during the load only) per relayed chunk; chunks per second per core (its inverse);
 added time to first token and inter-chunk p99 against ``direct``; and whether every stream
-arrived whole (every word, in order, then ``[DONE]``). Writes JSON and a chart.
+arrived whole (every word, in order, then ``[DONE]``). The CPU ratio to the relay is taken per
+repeat (each proxy run against the relay run just before it), then the median and range of those
+ratios are reported. Writes JSON and a chart.
 
 Usage::
 
@@ -414,9 +416,21 @@ def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             base_gap = statistics.median(r["gap_p99"] for r in direct)
             row["added_ttft_ms"] = (row["ttft_p50"] - base_ttft) * 1000 if row["ttft_p50"] is not None else None
             row["added_gap_p99_ms"] = (row["gap_p99"] - base_gap) * 1000 if row["gap_p99"] is not None else None
-        relay = [r for r in results if (r["system"], r["workers"], r["concurrency"]) == ("relay", workers, concurrency)]
+        relay = {
+            r["repeat"]: r["cpu_us_per_chunk"]
+            for r in results
+            if (r["system"], r["workers"], r["concurrency"]) == ("relay", workers, concurrency)
+        }
         if relay and system.startswith("proxy") and row["cpu_us_per_chunk"]:
-            row["cpu_vs_relay"] = row["cpu_us_per_chunk"] / statistics.median(r["cpu_us_per_chunk"] for r in relay)
+            # Paired: each repeat's proxy against the relay measured just before it (the machine's
+            # speed drifts between repeats; a pair shares it).
+            ratios = sorted(
+                r["cpu_us_per_chunk"] / relay[r["repeat"]]
+                for r in runs
+                if r["cpu_us_per_chunk"] and relay.get(r["repeat"])
+            )
+            row["cpu_vs_relay"] = statistics.median(ratios)
+            row["cpu_vs_relay_range"] = [ratios[0], ratios[-1]]
         rows.append(row)
     return rows
 

@@ -229,6 +229,21 @@ class GuardedStream:
         except anyio.EndOfStream:
             raise StopAsyncIteration from None
 
+    def receive_nowait(self) -> Any:
+        """A released chunk that is ready now, without waiting (as anyio's memory streams have).
+
+        Raises ``anyio.WouldBlock`` when none is ready, and also at the end, before the stream has
+        started, and for a Responses stream (delegated): ``receive()`` tells those apart. A writer
+        uses it to send every chunk released at the same moment in one write.
+        """
+        ready = self._driver.ready
+        if ready and self._started and not self._closed and self._delegate is None:
+            item = ready.popleft()
+            if self._driver.reader_waiting:
+                self._driver.resume_reader()
+            return item
+        raise anyio.WouldBlock
+
     async def receive(self) -> Any:
         """The next chunk; raises ``anyio.EndOfStream`` at the end (``__anext__`` is nicer)."""
         if self._closed:

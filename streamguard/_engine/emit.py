@@ -36,6 +36,8 @@ _REASONING = ("reasoning_content", "reasoning")
 #: A text longer than this is fed to the core in slices (each its own output chunk), so no
 #: single step holds the event loop for long.
 SLICE_CHARS = 8192
+# Delta keys of nearly every chunk: a delta with no others takes the fast path in `_dict_choice`.
+_PLAIN_DELTA = frozenset({"content", "role", "refusal"})
 
 _KINDS = {"content": "content", "refusal": "refusal", "reasoning": "reasoning", "function": "tool_arguments"}
 
@@ -66,6 +68,8 @@ class ChatShape:
     def units(self, raw: Any) -> list[Unit]:
         """The units of one upstream chunk, in order (several for an ``n > 1`` chunk or a long text)."""
         # The first chunk decides the output's shape; a later chunk of the other shape is converted.
+        if type(raw) is dict and self.dicts:
+            return self._dict_units(raw)
         if isinstance(raw, ChatCompletionChunk):
             if self.dicts:
                 return self._dict_units(raw.model_dump(exclude_unset=True))
@@ -206,6 +210,23 @@ class ChatShape:
         return out
 
     def _dict_choice(self, chunk: dict[str, Any], choice: Any) -> list[Unit]:
+        if type(choice) is dict:
+            # The fast path: a delta of content/refusal text (and the role) only, of normal length.
+            delta = choice.get("delta")
+            index = choice.get("index")
+            if type(delta) is dict and type(index) is int and delta.keys() <= _PLAIN_DELTA:
+                texts: list[TextPart] = []
+                content = delta.get("content")
+                if content:
+                    texts.append(("content", "content", _text(content, "content")))
+                refusal = delta.get("refusal")
+                if refusal:
+                    texts.append(("refusal", "refusal", _text(refusal, "refusal")))
+                unit: Unit = (chunk, index, texts, choice.get("finish_reason"), (), ())
+                return self._sliced(unit) if texts and _long(texts) else [unit]
+        return self._dict_choice_general(chunk, choice)
+
+    def _dict_choice_general(self, chunk: dict[str, Any], choice: Any) -> list[Unit]:
         if not isinstance(choice, Mapping):
             raise StreamFormatError("a choice is not an object")
         index = choice.get("index")
@@ -332,6 +353,8 @@ def _text(value: Any, name: str) -> str:
 
 
 def _long(texts: list[TextPart]) -> bool:
+    if len(texts) == 1:
+        return len(texts[0][2]) > SLICE_CHARS
     return sum(len(t) for _, _, t in texts) > SLICE_CHARS
 
 

@@ -5,9 +5,10 @@ On the signal, in each worker process:
 1. :attr:`Drain.draining` turns true: ``/readyz`` answers 503 at once while ``/healthz`` stays 200,
    and new API requests are refused with 503 ``server_shutting_down`` (``Connection: close``; the
    ``openai`` client retries it, elsewhere once the load balancer has taken this replica out).
-2. Requests in flight go on for up to ``timeout`` seconds. Each stream waits for its next item
-   inside :meth:`Drain.scope`, whose deadline is then the drain deadline.
-3. A stream still running at the deadline is stopped *between* chunks and ends with
+2. Requests in flight go on for up to ``timeout`` seconds. Each stream is registered with the
+   drain for its whole life (:meth:`Drain.stream`: one :class:`Stop` a stream, nothing a chunk).
+3. At the deadline every stream still running is stopped *between* chunks: one waiting for its
+   next item is cancelled there, one writing stops once the write is done. It ends with
    :data:`SHUTDOWN_ERROR` as an OpenAI-shaped error event (never a cut mid-chunk).
 4. Once nothing is in flight (or :data:`GRACE` seconds past the deadline), the handler that was
    installed before ours (uvicorn's) gets the signal: uvicorn stops listening and exits.
@@ -75,7 +76,8 @@ class Drain:
         self.draining = False
         self.active = 0  # API requests in flight
         self.deadline = math.inf  # asyncio loop time; inf until draining
-        self._scopes: set[anyio.CancelScope] = set()
+        self._streams: set[Stop] = set()
+        self._expired = False  # the deadline has passed: streams registered now stop at once
         self._restore: list[tuple[int, _Handler]] = []
         self._signal: tuple[int, FrameType | None, _Handler] | None = None
         self._finisher: asyncio.Task[None] | None = None
@@ -91,23 +93,28 @@ class Drain:
         logger.warning(
             "draining: %d request(s) in flight get up to %.1fs to finish; /readyz is unready", self.active, self.timeout
         )
-        for scope in self._scopes:
-            scope.deadline = min(scope.deadline, self.deadline)
+        loop.call_at(self.deadline, self._expire)
         if not self.active:
             self._idle.set()
         if self._signal is not None:
             self._finisher = loop.create_task(self._finish())
 
     @contextlib.contextmanager
-    def scope(self) -> Iterator[anyio.CancelScope]:
-        """A cancel scope that expires at the drain deadline (never, until a drain starts)."""
-        scope = anyio.CancelScope(deadline=self.deadline)
-        self._scopes.add(scope)
+    def stream(self) -> Iterator[Stop]:
+        """Register one stream for its whole life; its :class:`Stop` is stopped at the drain deadline."""
+        stop = Stop()
+        if self._expired:
+            stop.stop()
+        self._streams.add(stop)
         try:
-            with scope:
-                yield scope
+            yield stop
         finally:
-            self._scopes.discard(scope)
+            self._streams.discard(stop)
+
+    def _expire(self) -> None:
+        self._expired = True
+        for stop in list(self._streams):
+            stop.stop()
 
     def install(self) -> None:
         """Drain on SIGTERM and SIGINT, then pass the signal to the handler installed before (uvicorn's).
@@ -168,6 +175,27 @@ def _deliver(signum: int, frame: FrameType | None, previous: _Handler) -> None:
     elif previous == signal.SIG_DFL:
         signal.signal(signum, signal.SIG_DFL)
         signal.raise_signal(signum)
+
+
+class Stop:
+    """One stream's link to the drain: stopped between chunks, never mid-write.
+
+    The stream runs its loop inside :attr:`scope`, sets :attr:`writing` around each write, and
+    ends after a write when :attr:`requested` is set. :meth:`stop` cancels the scope only while
+    the stream is not writing (waiting for its next item).
+    """
+
+    __slots__ = ("requested", "scope", "writing")
+
+    def __init__(self) -> None:
+        self.scope = anyio.CancelScope()
+        self.writing = False
+        self.requested = False
+
+    def stop(self) -> None:
+        self.requested = True
+        if not self.writing:
+            self.scope.cancel("drain deadline")
 
 
 class DrainMiddleware:

@@ -23,6 +23,7 @@ class Seen:
     query: bytes
     headers: dict[str, str]
     body: bytes
+    client: tuple[str, int] | None = None  # the peer's address: one per connection
 
 
 Answer = Callable[[Request, bytes], Response]
@@ -49,6 +50,7 @@ class RecordingUpstream:
                 scope.get("query_string", b""),
                 {k.lower(): v for k, v in request.headers.items()},
                 body,
+                tuple(scope["client"]) if scope.get("client") else None,
             )
         )
         answer = self.answers.get((scope["method"], scope["path"]))

@@ -299,6 +299,28 @@ async def test_streamed_answers_keep_upstream_headers(env: Env) -> None:
     assert stream.response.headers["x-streamguard-route"] == "guarded"
 
 
+async def test_guarded_streams_reuse_the_upstream_connection(env: Env) -> None:
+    """After ``[DONE]`` the proxy reads the body's end, so the next stream goes over the same connection.
+
+    (Closing the response with its last chunk unread would close the connection: a new TCP, and
+    with a real provider TLS, handshake for every stream.)
+    """
+    sse = sse_body(text_chunks(["Hello", " there."]))
+    env.upstream.answers[("POST", "/v1/chat/completions")] = streamed([sse], media_type="text/event-stream")
+    url = env.proxy()
+    with anyio.fail_after(10):
+        async with client(url) as c:
+            for _ in range(3):
+                stream = await c.chat.completions.create(
+                    model="m", messages=[{"role": "user", "content": "hi"}], stream=True
+                )
+                text = "".join([x.choices[0].delta.content or "" async for x in stream if x.choices])
+                assert text == "Hello there."
+    peers = [s.client for s in env.upstream.seen if s.path == "/v1/chat/completions"]
+    assert len(peers) == 3 and None not in peers
+    assert len(set(peers)) == 1, peers
+
+
 async def test_non_streamed_caller_leaving_closes_upstream(env: Env) -> None:
     """A non-streamed request whose caller times out at 0.5 s closes the upstream request at once."""
     answer = {"id": "c", "object": "chat.completion", "choices": []}

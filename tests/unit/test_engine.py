@@ -258,3 +258,30 @@ async def test_upstream_moderation_results_are_honoured(flagged: bool) -> None:
         assert guarded.report.flags == () and finishes == ["stop"]
         assert released_text(chunks) == TEXT
     assert any(getattr(c, "moderation", None) is not None for c in chunks)  # passed through to the consumer
+
+
+async def test_receive_nowait_takes_what_is_ready_and_never_waits() -> None:
+    """``receive_nowait`` hands out released chunks in order; ``WouldBlock`` before the start, when
+    nothing is ready and at the end; what it and ``__anext__`` hand out together is the stream."""
+    source = scripted_chunks(words(TEXT), delay=0.001)
+    guarded = sg.guard(source, moderator=FakeModerator(["zzz"], latency=0.01))
+    with pytest.raises(anyio.WouldBlock):
+        guarded.receive_nowait()  # not started
+    got: list[ChatCompletionChunk] = []
+    bursts: list[int] = []
+    with anyio.fail_after(5):
+        async with guarded:
+            async for chunk in guarded:
+                burst = [chunk]
+                while True:
+                    try:
+                        burst.append(guarded.receive_nowait())
+                    except anyio.WouldBlock:
+                        break
+                got += burst
+                bursts.append(len(burst))
+            with pytest.raises(anyio.WouldBlock):
+                guarded.receive_nowait()  # ended
+    assert released_text(got) == TEXT
+    assert [c.finish_reason for chunk in got for c in chunk.choices if c.finish_reason] == ["stop"]
+    assert max(bursts) > 1  # a verdict released several chunks at once

