@@ -19,6 +19,7 @@ Every await in cleanup is shielded and time-limited (``Policy.close_timeout``).
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import time
@@ -117,6 +118,9 @@ class Driver:
         self._hooks = 0
         self._hooks_done: anyio.Event | None = None
         self._hook_error: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # set on asyncio: the core's timers are a loop timer
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -145,6 +149,10 @@ class Driver:
         """Start the reader (and input moderation) with ``spawn(fn, *args)``."""
         self._spawn = spawn
         self._stopped = anyio.Event()
+        try:
+            self._loop = asyncio.get_running_loop()  # None on trio
+        except RuntimeError:
+            self._loop = None
         if self._iterator is None:
             self._iterator = chunk_iterator(self._source)
         scope = self._reader_scope = anyio.CancelScope()
@@ -172,6 +180,7 @@ class Driver:
 
     def cancel(self) -> None:
         """Stop every task (the reader still closes upstream, shielded)."""
+        self._disarm()
         if not self.core.finished:
             self.core.gone()
             self._pump()
@@ -229,16 +238,56 @@ class Driver:
             deadline = self.core.next_deadline()
             if deadline is None:
                 await event.wait()
+            elif self._loop is not None:
+                # On asyncio the core's timers are one loop timer (its callback ticks the core and
+                # wakes us only when that released something): no cancel scope a wait, no wake-up
+                # each time a flush deadline moves on.
+                self._arm(deadline)
+                await event.wait()
             else:
                 with anyio.move_on_after(max(0.0, deadline - clock())):
                     await event.wait()
                 self.core.tick(clock())
                 self._pump()
 
+    def _arm(self, deadline: float) -> None:
+        """Have the loop timer fire at ``deadline`` (or earlier, if it is set for earlier already)."""
+        timer = self._timer
+        if timer is not None:
+            if self._timer_at <= deadline:
+                return
+            timer.cancel()
+        loop = self._loop
+        assert loop is not None
+        self._timer_at = deadline
+        self._timer = loop.call_at(loop.time() + max(0.0, deadline - clock()), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        core = self.core
+        if core.finished or self._ended:
+            return
+        try:
+            core.tick(clock())
+            self._pump()
+        except Exception as exc:  # never lost in the loop's handler: the stream ends with it
+            core.error(exc)
+            self._pump()
+        if self._consumer is not None and not core.finished:
+            deadline = core.next_deadline()
+            if deadline is not None:
+                self._arm(deadline)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
     async def _end(self) -> None:
         if self._ended:
             return
         self._ended = True
+        self._disarm()
         # Idle workers and hooks are not needed any more; the reader ends by itself (upstream closed).
         for scope in list(self._scopes):
             if scope is not self._reader_scope:

@@ -285,3 +285,42 @@ async def test_receive_nowait_takes_what_is_ready_and_never_waits() -> None:
     assert released_text(got) == TEXT
     assert [c.finish_reason for chunk in got for c in chunk.choices if c.finish_reason] == ["stop"]
     assert max(bursts) > 1  # a verdict released several chunks at once
+
+
+async def test_max_duration_ends_a_stream_whose_text_keeps_coming() -> None:
+    """``max_duration`` ends a stream that never stops (its timer fires while text keeps arriving,
+    the consumer waiting on held text), with ``StreamTimeout``; what was released was clean."""
+    source = scripted_chunks(["word "] * 10_000, delay=0.01)
+    policy = sg.Policy(max_duration=0.4)
+    released: list[ChatCompletionChunk] = []
+    with anyio.fail_after(5), pytest.raises(sg.StreamTimeout):
+        async with sg.guard(source, moderator=FakeModerator(latency=0.05), policy=policy) as guarded:
+            async for chunk in guarded:
+                released.append(chunk)
+    assert 0 < source.sent < 200
+    assert source.closed
+    assert set(released_text(released).split()) <= {"word"}
+
+
+async def test_a_partial_window_is_flushed_while_the_consumer_waits() -> None:
+    """With upstream silent after a short text, the flush timer (armed while the consumer waits)
+    sends the partial window; its verdict releases the text before upstream goes on."""
+    gate = anyio.Event()
+
+    async def slow() -> AsyncIterator[ChatCompletionChunk]:
+        yield chat_chunk("", role="assistant")
+        for word in ("one", " two", " three"):
+            yield chat_chunk(word)
+            await anyio.sleep(0.01)  # a flush deadline that keeps moving while words come
+        await gate.wait()
+        yield chat_chunk(index=0, finish_reason="stop")
+
+    policy = sg.Policy(flush_after=0.1, first_window_chars=200, window_chars=200)
+    with anyio.fail_after(5):
+        async with sg.guard(slow(), moderator=FakeModerator(), policy=policy) as guarded:
+            await guarded.receive()  # role
+            got = [await guarded.receive() for _ in range(3)]
+            assert released_text(got) == "one two three"
+            gate.set()
+            rest = [c async for c in guarded]
+    assert [c.finish_reason for chunk in rest for c in chunk.choices if c.finish_reason] == ["stop"]
