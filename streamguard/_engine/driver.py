@@ -239,11 +239,13 @@ class Driver:
             if deadline is None:
                 await event.wait()
             elif self._loop is not None:
-                # On asyncio the core's timers are one loop timer (its callback ticks the core and
-                # wakes us only when that released something): no cancel scope a wait, no wake-up
-                # each time a flush deadline moves on.
+                # On asyncio the core's timers are one loop timer that wakes us only when a deadline
+                # is due (not each time a flush deadline moves on), and no cancel scope a wait. The
+                # core is ticked here, in a task: what it starts (moderation workers) needs one.
                 self._arm(deadline)
                 await event.wait()
+                self.core.tick(clock())
+                self._pump()
             else:
                 with anyio.move_on_after(max(0.0, deadline - clock())):
                     await event.wait()
@@ -263,20 +265,19 @@ class Driver:
         self._timer = loop.call_at(loop.time() + max(0.0, deadline - clock()), self._on_timer)
 
     def _on_timer(self) -> None:
+        """The loop timer (a callback, not a task: it only looks, and wakes the waiting consumer)."""
         self._timer = None
-        core = self.core
-        if core.finished or self._ended:
+        consumer = self._consumer
+        if consumer is None or self._ended:
+            return  # the consumer arms it again when it next waits
+        deadline = self.core.next_deadline()
+        if deadline is None:
             return
-        try:
-            core.tick(clock())
-            self._pump()
-        except Exception as exc:  # never lost in the loop's handler: the stream ends with it
-            core.error(exc)
-            self._pump()
-        if self._consumer is not None and not core.finished:
-            deadline = core.next_deadline()
-            if deadline is not None:
-                self._arm(deadline)
+        if deadline <= clock():
+            self._consumer = None
+            consumer.set()
+        else:
+            self._arm(deadline)  # it moved on (new text came): wait for it
 
     def _disarm(self) -> None:
         if self._timer is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -324,3 +325,30 @@ async def test_a_partial_window_is_flushed_while_the_consumer_waits() -> None:
             gate.set()
             rest = [c async for c in guarded]
     assert [c.finish_reason for chunk in rest for c in chunk.choices if c.finish_reason] == ["stop"]
+
+
+def test_flushes_while_moderation_is_busy_start_new_workers() -> None:
+    """Pauses longer than ``flush_after`` while earlier windows are still being judged: each flush
+    comes from the timer and needs a new moderation worker. The stream still ends whole (a worker
+    must be started from a task, never from a loop callback).
+
+    Run by plain ``asyncio.run``, as a server runs it: under the test runner's anyio context the
+    backend is found even in a loop callback, which hid the bug this guards against.
+    """
+    deltas = [f" w{i}" for i in range(12)]
+
+    async def paced() -> AsyncIterator[ChatCompletionChunk]:
+        yield chat_chunk("", role="assistant")
+        for delta in deltas:
+            yield chat_chunk(delta)
+            await anyio.sleep(0.04)
+        yield chat_chunk(index=0, finish_reason="stop")
+
+    async def main() -> tuple[list[ChatCompletionChunk], sg.GuardedStream]:
+        policy = sg.Policy(flush_after=0.01, first_window_chars=200, window_chars=200, max_in_flight=8)
+        return await run(paced(), FakeModerator(latency=0.15), policy=policy)
+
+    chunks, guarded = asyncio.run(main())
+    assert released_text(chunks) == "".join(deltas)
+    assert guarded.report.error is None
+    assert guarded.report.moderation_calls >= 3
