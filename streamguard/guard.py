@@ -31,6 +31,8 @@ __all__ = ["GuardedStream", "Hook", "guard"]
 
 logger = logging.getLogger(__name__)
 
+_NOTHING: Any = object()  # no released chunk is waiting
+
 
 def guard(
     stream: AsyncIterable[Any],
@@ -217,12 +219,9 @@ class GuardedStream:
         return self
 
     async def __anext__(self) -> Any:
-        ready = self._driver.ready
-        if ready and self._started and not self._closed and self._delegate is None:
-            # The hot path: a released chunk is waiting; no more awaits than raw iteration has.
-            item = ready.popleft()
-            if self._driver.reader_waiting:
-                self._driver.resume_reader()
+        # The hot path: a released chunk is waiting; no more awaits than raw iteration has.
+        item = self._take_ready()
+        if item is not _NOTHING:
             return item
         try:
             return await self.receive()
@@ -236,13 +235,21 @@ class GuardedStream:
         started, and for a Responses stream (delegated): ``receive()`` tells those apart. A writer
         uses it to send every chunk released at the same moment in one write.
         """
-        ready = self._driver.ready
+        item = self._take_ready()
+        if item is _NOTHING:
+            raise anyio.WouldBlock
+        return item
+
+    def _take_ready(self) -> Any:
+        """A released chunk waiting in the driver's buffer, or ``_NOTHING``."""
+        driver = self._driver
+        ready = driver.ready
         if ready and self._started and not self._closed and self._delegate is None:
             item = ready.popleft()
-            if self._driver.reader_waiting:
-                self._driver.resume_reader()
+            if driver.reader_waiting:
+                driver.resume_reader()
             return item
-        raise anyio.WouldBlock
+        return _NOTHING
 
     async def receive(self) -> Any:
         """The next chunk; raises ``anyio.EndOfStream`` at the end (``__anext__`` is nicer)."""
