@@ -12,7 +12,8 @@ overrides, or plain NFD. :func:`moderation_view` undoes all of these:
 3. look-alikes folded to the ASCII letter or digit they imitate, from Unicode's confusables table
    (UTS #39 data, as shipped by the ``confusable-homoglyphs`` package, read offline) - only in a
    word that has an ASCII letter or is made of look-alikes only, so a Russian or Greek sentence
-   stays Russian or Greek for a moderator that reads it;
+   stays Russian or Greek for a moderator that reads it. In a word with an ASCII letter, Latin
+   small capitals count as their letter too, and so what looks only like one (Cyrillic ``к``);
 4. combining marks on a character that ended up ASCII removed (Zalgo text, ``k̶i̶l̶l̶``,
    accents); marks on other scripts' letters are kept and recomposed (NFC), so Hindi or Korean
    keep their meaning.
@@ -130,6 +131,7 @@ def moderation_view(text: str) -> ModerationView:
 def _view(text: str) -> ModerationView:
     """The general case, character by character (see the module docstring)."""
     fold = _fold_table()
+    mixed = _mixed_fold_table()
     # Pass 1: decompose, drop ignorables, fold each word that has an ASCII letter or is all look-alikes.
     pieces: list[str] = []
     kinds: list[int] = []
@@ -145,14 +147,14 @@ def _view(text: str) -> ModerationView:
                 lookalike = lookalike and (piece.isascii() or piece in fold)
             elif kind == _OTHER:
                 if start >= 0 and (latin or lookalike):
-                    _fold_word(pieces, kinds, start, fold)
+                    _fold_word(pieces, kinds, start, mixed if latin else fold)
                 start = -1
                 piece = fold.get(piece, piece)
             pieces.append(piece)
             kinds.append(kind)
             origins.append(index)
     if start >= 0 and (latin or lookalike):
-        _fold_word(pieces, kinds, start, fold)
+        _fold_word(pieces, kinds, start, mixed if latin else fold)
     # Pass 2: drop marks on ASCII (or on nothing), compose the rest (NFC) with their base.
     out: list[str] = []
     kept: list[int] = []
@@ -183,7 +185,7 @@ _INFO: dict[str, tuple[tuple[str, int], ...]] = {}
 
 def _info(char: str) -> tuple[tuple[str, int], ...]:
     """NFKD of one character without default-ignorable or format characters, each piece classified."""
-    fold = _fold_table()
+    fold = _mixed_fold_table()
     out = []
     for piece in unicodedata.normalize("NFKD", char):
         if _ignorable(piece):
@@ -204,7 +206,7 @@ def _stable(char: str) -> bool:
     """Whether ``char`` is its own view in any context: nothing to drop, fold, strip or compose."""
     if char.isascii():
         return True
-    fold = _fold_table()
+    fold = _mixed_fold_table()
     if char in fold or _ignorable(char) or _is_mark(char) or 0x1100 <= ord(char) <= 0x11FF:
         return False
     pieces = unicodedata.normalize("NFKD", char)
@@ -230,12 +232,25 @@ def _wordy(char: str, fold: dict[str, str]) -> bool:
 
 
 @functools.cache
+def _mixed_fold_table() -> dict[str, str]:
+    """:func:`_fold_table` and more, for words that have an ASCII letter: Latin small capitals count
+    as their letter (``ᴋ`` -> ``k``), so what is confusable only with one folds too (Cyrillic ``к``
+    -> ``ĸ`` -> ``ᴋ`` -> ``k``, Greek ``τ``, Cyrillic ``т``, ``м``, ``н``, ``в``). Not used for words
+    of look-alikes only: with these, too many Russian or Greek words would turn Latin."""
+    return _build_fold_table(small_capitals=True)
+
+
+@functools.cache
 def _fold_table() -> dict[str, str]:
+    return _build_fold_table(small_capitals=False)
+
+
+def _build_fold_table(*, small_capitals: bool) -> dict[str, str]:
     """Non-ASCII character -> the ASCII letter or digit it imitates (Unicode confusables, UTS #39).
 
     The table lists, for each character, the characters confusable with it; a character whose
-    look-alikes include no ASCII letter or digit is followed through its look-alikes (``к`` ->
-    ``ĸ`` -> ``k``), at most three steps. Lower-case letters are preferred, then capitals, then digits.
+    look-alikes include no ASCII letter or digit is followed through its look-alikes, at most three
+    steps. Lower-case letters are preferred, then capitals, then digits.
     """
     raw = resources.files("confusable_homoglyphs").joinpath("confusables.json").read_text(encoding="utf-8")
     graph: dict[str, list[str]] = {
@@ -243,19 +258,42 @@ def _fold_table() -> dict[str, str]:
         for source, entries in json.loads(raw).items()
         if len(source) == 1
     }
+    ascii_like = _ascii_or_small_capital if small_capitals else _ascii_alnum
     table: dict[str, str] = {}
     for source in graph:
         if source.isascii() or _is_mark(source):
             continue
+        if small_capitals and (letter := _small_capital(source)):
+            table[source] = letter
+            continue
         frontier, seen = [source], {source}
         for _ in range(3):
-            found = sorted((c for c in frontier for c in graph.get(c, ()) if c.isascii() and c.isalnum()), key=_rank)
+            found = sorted((a for c in frontier for n in graph.get(c, ()) if (a := ascii_like(n))), key=_rank)
             if found:
                 table[source] = found[0]
                 break
             frontier = [n for c in frontier for n in graph.get(c, ()) if n not in seen]
             seen.update(frontier)
     return table
+
+
+_SMALL_CAPITAL = "LATIN LETTER SMALL CAPITAL "
+
+
+def _small_capital(char: str) -> str | None:
+    """The letter a Latin small capital reads as (``ᴋ`` -> ``k``), else None."""
+    name = unicodedata.name(char, "")
+    if name.startswith(_SMALL_CAPITAL) and len(name) == len(_SMALL_CAPITAL) + 1:
+        return name[-1].lower()
+    return None
+
+
+def _ascii_alnum(char: str) -> str | None:
+    return char if char.isascii() and char.isalnum() else None
+
+
+def _ascii_or_small_capital(char: str) -> str | None:
+    return _ascii_alnum(char) if char.isascii() else _small_capital(char)
 
 
 def _rank(char: str) -> tuple[int, str]:

@@ -76,6 +76,29 @@ def test_other_scripts_keep_their_meaning(text: str) -> None:
     assert moderation_view(text).text == unicodedata.normalize("NFC", text)
 
 
+@pytest.mark.parametrize(
+    ("disguised", "word"),
+    [
+        ("\u043aill", "kill"),  # Cyrillic ka: confusable only with kra, then small capital K
+        ("\u0138ill", "kill"),  # Latin kra
+        ("\u1d0bill", "kill"),  # Latin small capital K
+        ("a\u0442\u0442ack", "attack"),  # Cyrillic te
+        ("bo\u043cb", "bomb"),  # Cyrillic em
+        ("\u043date", "hate"),  # Cyrillic en
+    ],
+)
+def test_letters_that_look_like_small_capitals_fold_in_latin_words(disguised: str, word: str) -> None:
+    """In a word with an ASCII letter, a letter that looks like a Latin small capital folds to it."""
+    assert moderation_view(disguised).text == word
+    assert KeywordModerator([word]).match(f"we {disguised} now")["keyword"]
+
+
+@pytest.mark.parametrize("text", ["как", "кот", "вот так", "метро", "τότε"])
+def test_words_of_small_capital_look_alikes_only_stay_in_their_script(text: str) -> None:
+    """Only in a word with an ASCII letter: Russian or Greek words made of such letters stay as they are."""
+    assert moderation_view(text).text == text
+
+
 def test_keyword_moderator_keeps_word_boundaries() -> None:
     """Normalising does not make "skills" match "kill", nor join words split by a space."""
     moderator = KeywordModerator(["kill"])
