@@ -34,7 +34,6 @@ the window's text, so a flagged word does not reach the client this way either.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import time
@@ -51,7 +50,8 @@ from ..guard import GuardedStream, guard
 from ..moderation._base import Moderator
 from ..policy import Policy
 from ..report import GuardReport, VerdictEvent
-from ._sse import DONE, PING, chunk_event, describe_error, error_event
+from ._body import BodyWriter
+from ._sse import DONE, chunk_event, describe_error, error_event
 
 __all__ = ["GuardedSSEResponse"]
 
@@ -223,31 +223,15 @@ class GuardedSSEResponse(Response):
             await self._stream(guarded, send)
 
     async def _stream(self, guarded: GuardedStream, send: Send) -> None:
-        # The body writer and the pinger share `send`. Uncontended (nearly always), the lock is
-        # taken without a checkpoint: a task switch per chunk is a real share of the CPU under load.
-        lock = anyio.Lock(fast_acquire=True) if self._ping is not None else contextlib.nullcontext()
-        last_sent = time.monotonic()
+        async def send_body(data: bytes, more: bool) -> None:
+            try:
+                await send({"type": "http.response.body", "body": data, "more_body": more})
+            except OSError:
+                self._client_gone()
+                await anyio.lowlevel.checkpoint()  # raises the cancellation just requested
 
-        async def write(data: bytes, *, more: bool = True) -> None:
-            nonlocal last_sent
-            async with lock:
-                if self._pending:  # debug events go first: a verdict precedes the text it released
-                    data = b"".join(self._pending) + data
-                    self._pending.clear()
-                try:
-                    await send({"type": "http.response.body", "body": data, "more_body": more})
-                except OSError:
-                    self._client_gone()
-                    await anyio.lowlevel.checkpoint()  # raises the cancellation just requested
-                last_sent = time.monotonic()
-
-        async def pinger(every: float) -> None:
-            while True:
-                wait = last_sent + every - time.monotonic()
-                if wait > 0:
-                    await anyio.sleep(wait)
-                else:
-                    await write(PING)
+        writer = BodyWriter(send_body, self._pending, self._ping)
+        write = writer.write
 
         try:
             await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
@@ -258,7 +242,7 @@ class GuardedSSEResponse(Response):
             await write(_comment("streamguard.policy", _policy_fields(guarded.policy)))
         async with anyio.create_task_group() as tg:
             if self._ping is not None:
-                tg.start_soon(pinger, self._ping)
+                tg.start_soon(writer.pinger)
             try:
                 async for chunk in guarded:
                     await write(chunk_event(chunk))

@@ -252,12 +252,7 @@ def _build_fold_table(*, small_capitals: bool) -> dict[str, str]:
     look-alikes include no ASCII letter or digit is followed through its look-alikes, at most three
     steps. Lower-case letters are preferred, then capitals, then digits.
     """
-    raw = resources.files("confusable_homoglyphs").joinpath("confusables.json").read_text(encoding="utf-8")
-    graph: dict[str, list[str]] = {
-        source: [c for c in (entry["c"].strip("\u200e\u200f") for entry in entries) if len(c) == 1]
-        for source, entries in json.loads(raw).items()
-        if len(source) == 1
-    }
+    graph = _confusables()
     ascii_like = _ascii_or_small_capital if small_capitals else _ascii_alnum
     table: dict[str, str] = {}
     for source in graph:
@@ -275,6 +270,17 @@ def _build_fold_table(*, small_capitals: bool) -> dict[str, str]:
             frontier = [n for c in frontier for n in graph.get(c, ()) if n not in seen]
             seen.update(frontier)
     return table
+
+
+@functools.cache
+def _confusables() -> dict[str, list[str]]:
+    """Character -> the single characters Unicode lists as confusable with it (read once; both tables use it)."""
+    raw = resources.files("confusable_homoglyphs").joinpath("confusables.json").read_text(encoding="utf-8")
+    return {
+        source: [c for c in (entry["c"].strip("\u200e\u200f") for entry in entries) if len(c) == 1]
+        for source, entries in json.loads(raw).items()
+        if len(source) == 1
+    }
 
 
 _SMALL_CAPITAL = "LATIN LETTER SMALL CAPITAL "

@@ -32,8 +32,9 @@ from ...moderation._base import Moderator
 from ...policy import Policy
 from ...report import GuardReport, VerdictEvent
 from ...responses import guard_responses
+from .._body import BodyWriter
 from .._drain import SHUTDOWN_ERROR, Drain
-from .._sse import DONE, PING, describe_error, error_event
+from .._sse import DONE, describe_error, error_event
 from ..starlette import _comment, _policy_fields, _verdict_fields
 from ._asgi import Caller, CallerBound
 from .shapes import Source, encoder, starts_body
@@ -173,27 +174,11 @@ class GuardedAnswer:
                     data = b"".join(parts)
             await write(data)
 
-        # The body writer and the pinger share `send`. Uncontended (nearly always), the lock is
-        # taken without a checkpoint: a task switch per chunk is a real share of the CPU under load.
-        lock = anyio.Lock(fast_acquire=True) if self.ping is not None else contextlib.nullcontext()
-        last_sent = time.monotonic()
+        async def send_body(data: bytes, more: bool) -> None:
+            await caller.send({"type": "http.response.body", "body": data, "more_body": more})
 
-        async def write(data: bytes, *, more: bool = True) -> None:
-            nonlocal last_sent
-            async with lock:
-                if self._pending:  # debug events go first: a verdict precedes the text it released
-                    data = b"".join(self._pending) + data
-                    self._pending.clear()
-                await caller.send({"type": "http.response.body", "body": data, "more_body": more})
-                last_sent = time.monotonic()
-
-        async def pinger(every: float) -> None:
-            while True:
-                wait = last_sent + every - time.monotonic()
-                if wait > 0:
-                    await anyio.sleep(wait)
-                else:
-                    await write(PING)
+        writer = BodyWriter(send_body, self._pending, self.ping)
+        write = writer.write
 
         head = {
             "content-type": "text/event-stream; charset=utf-8",
@@ -208,7 +193,7 @@ class GuardedAnswer:
             self._pending.insert(0, _comment("streamguard.policy", _policy_fields(self.policy)))
         async with anyio.create_task_group() as tg:
             if self.ping is not None:
-                tg.start_soon(pinger, self.ping)
+                tg.start_soon(writer.pinger)
             try:
                 await write(b"".join(first))
                 if self.drain is None:
