@@ -352,3 +352,22 @@ def test_flushes_while_moderation_is_busy_start_new_workers() -> None:
     assert released_text(chunks) == "".join(deltas)
     assert guarded.report.error is None
     assert guarded.report.moderation_calls >= 3
+
+
+async def test_receive_nowait_never_hands_out_a_flagged_word() -> None:
+    """Hold-back through ``receive_nowait`` as through iteration: the flagged word never arrives, the
+    choice ends ``content_filter``, and what did arrive is the clean prefix."""
+    source = scripted_chunks(words(TEXT), delay=0.001)
+    got: list[ChatCompletionChunk] = []
+    with anyio.fail_after(5):
+        async with sg.guard(source, moderator=FakeModerator(["attack"], latency=0.01)) as guarded:
+            async for chunk in guarded:
+                got.append(chunk)
+                while True:
+                    try:
+                        got.append(guarded.receive_nowait())
+                    except anyio.WouldBlock:
+                        break
+    text = released_text(got)
+    assert "attack" not in text and TEXT.startswith(text)
+    assert [c.finish_reason for chunk in got for c in chunk.choices if c.finish_reason] == ["content_filter"]

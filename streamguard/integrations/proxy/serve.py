@@ -118,7 +118,8 @@ def freeze_startup_objects() -> None:
 
     A serving process allocates a few dicts a chunk, so collections run often; without this,
     each full collection walks the ~150,000 objects of the imported libraries (~55 ms, a stall of
-    every stream). After it, a full collection takes ~13 ms (measured in ``streamguard serve``).
+    every stream). After it, a full collection takes ~13 ms (measured once, with ``gc.callbacks``, in a
+    ``serve`` worker under ``benchmarks/proxy_load.py``'s load).
     """
     gc.collect()
     gc.freeze()
